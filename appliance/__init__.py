@@ -1,0 +1,1 @@
+"""Appliance image builder for an encrypted, resilient e-mail cluster."""

@@ -1,0 +1,197 @@
+"""./build.py: the single entry point."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from . import host, paths, qemu
+from .errors import ApplianceError
+from .imagebuild import Builder, variant_name
+from .profiles import ProfileSet, resolved_partitions, resolved_ports
+from .site import Site, load_site
+
+
+@dataclass
+class Context:
+    site_path: Path
+    _profiles: ProfileSet | None = None
+    _site: Site | None = None
+
+    @property
+    def profiles(self) -> ProfileSet:
+        if self._profiles is None:
+            self._profiles = ProfileSet.load()
+        return self._profiles
+
+    @property
+    def site(self) -> Site:
+        if self._site is None:
+            self._site = load_site(self.site_path, self.profiles.roles)
+        return self._site
+
+
+class RoleType(click.ParamType):
+    name = "ROLE"
+
+    def convert(self, value, param, ctx):
+        roles = ProfileSet.load().roles
+        if value not in roles:
+            self.fail(f"unknown role {value!r}; expected one of: {', '.join(roles)}", param, ctx)
+        return value
+
+
+ROLE = RoleType()
+
+
+def echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as e:
+            click.secho(f"error: {e.message}", fg="red", err=True)
+            if e.hint:
+                click.echo(f"hint: {e.hint}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--site", "site_path", type=click.Path(path_type=Path), default=paths.EXAMPLE_SITE,
+              show_default="sites/example.yaml", help="Site file describing the cluster.")
+@click.pass_context
+def main(ctx: click.Context, site_path: Path) -> None:
+    """Build, boot, flash and publish the mail cluster's appliance images."""
+    ctx.obj = Context(site_path)
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Only report what is missing; install nothing.")
+def setup(check: bool) -> None:
+    """Install what this Debian 12 host needs to build and boot images."""
+    host.setup(log=echo, install=not check)
+
+
+@main.command()
+@click.argument("roles", nargs=-1, type=ROLE)
+@click.option("--layer", "layers", multiple=True, help="Extra profile layered on top (e.g. test).")
+@click.option("--refresh", is_flag=True, help="Rebuild even if cached, re-resolving packages (security updates).")
+@click.pass_obj
+def build(obj: Context, roles: tuple[str, ...], layers: tuple[str, ...], refresh: bool) -> None:
+    """Build the images of ROLES (default: every role the site uses)."""
+    site = obj.site  # validate before touching the host
+    for layer in layers:
+        obj.profiles.get(layer)
+    if host.missing():
+        echo("the host is missing build dependencies; running setup first")
+        host.setup(log=echo)
+    builder = Builder(obj.profiles, site, log=echo)
+    for role in roles or site.roles:
+        art = builder.build(role, tuple(layers), refresh=refresh)
+        click.echo(f"{art.raw}  ({'built' if art.built else 'cached'}, input {art.input_hash[:12]})")
+
+
+@main.command("list")
+@click.pass_obj
+def list_(obj: Context) -> None:
+    """List the roles and what each contains."""
+    ps = obj.profiles
+    for role in ps.roles:
+        layers = ps.compose(role)
+        pkgs = [p for l in layers for p in l.packages]
+        ports = resolved_ports(layers)
+        click.echo(f"{role}: {ps.get(role).description}")
+        click.echo(f"  layers:   {' -> '.join(l.name for l in layers)} -> site")
+        click.echo(f"  packages: {', '.join(pkgs)}")
+        click.echo(f"  overlays: {', '.join(o for l in layers for o in l.overlays)}")
+        click.echo(f"  services: {', '.join(s for l in layers for s in l.services.enable)}")
+        click.echo(f"  ports:    {', '.join(f'{k} {v}' for k, v in ports.items())}")
+    others = sorted(n for n, p in ps.profiles.items() if p.kind != "role")
+    click.echo(f"layers: {', '.join(others)}")
+
+
+@main.command()
+@click.argument("role", type=ROLE)
+@click.option("--layer", "layers", multiple=True, help="Extra profile layered on top (e.g. test).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> None:
+    """Print the fully resolved configuration of ROLE for the site."""
+    builder = Builder(obj.profiles, obj.site, log=echo)
+    builddir, digest = builder.render(role, tuple(layers))
+    composed = obj.profiles.compose(role, list(layers))
+    doc = {
+        "role": role,
+        "site": obj.site.name,
+        "input_hash": digest,
+        "build_directory": str(builddir),
+        "layers": [l.name for l in composed] + ["site"],
+        "packages": [p for l in composed for p in l.packages] + list(obj.site.image.extra_packages),
+        "services": {"enable": [s for l in composed for s in l.services.enable],
+                     "disable": [s for l in composed for s in l.services.disable]},
+        "ports": resolved_ports(composed),
+        "partitions": {k: v.model_dump(exclude_none=True) for k, v in resolved_partitions(composed).items()},
+        "checks": [c for l in composed for c in l.checks],
+        "mkosi": {p.name: p.read_text() for p in sorted((builddir / "mkosi.conf.d").glob("*.conf"))},
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for key, value in doc.items():
+        if key == "mkosi":
+            click.echo("mkosi drop-ins (applied in order; later settings win, lists append):")
+            for name, text in value.items():
+                click.echo(f"  --- {name}")
+                click.echo("".join(f"    {line}\n" for line in text.splitlines()), nl=False)
+        else:
+            click.echo(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+
+
+@main.command()
+@click.argument("role", type=ROLE)
+@click.option("--node", help="Boot as this node of the site (default: the role's first node).")
+@click.option("--fresh", is_flag=True, help="Discard the VM's previous disk state.")
+@click.option("--memory", default=1024, show_default=True, help="Guest memory in MiB.")
+@click.pass_obj
+def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> None:
+    """Boot ROLE's image in QEMU with its serial console on this terminal."""
+    from .vm import node_credentials
+
+    site = obj.site
+    nodes = site.nodes_with_role(role)
+    target = site.node(node) if node else (nodes[0] if nodes else None)
+    if target is None:
+        raise ApplianceError(f"site {site.name!r} has no {role} node", hint="pass --node NAME")
+    if target.role != role:
+        raise ApplianceError(f"node {target.name!r} has role {target.role!r}, not {role!r}")
+    image = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
+    if not image.exists():
+        raise ApplianceError(f"{image}: no image built for role {role}", hint=f"run ./build.py build {role}")
+    ports = resolved_ports(obj.profiles.compose(role))
+    spec = qemu.VMSpec(
+        name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
+        memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},
+        credentials=node_credentials(site, target, None), interactive=True,
+    )
+    existing = spec.disk.exists() and not fresh
+    qemu.prepare(spec, fresh=not existing)
+    echo(f"booting {target.name} ({role}) under TCG; this takes about a minute")
+    for name, guest in ports.items():
+        echo(f"  {name:6} guest port {guest:4} -> 127.0.0.1:{spec.forwards[guest]}")
+    echo("  serial console below; Ctrl-A X quits QEMU, Ctrl-C powers the guest off")
+    proc = qemu.QemuProcess(spec)
+    proc.start()
+    signal.signal(signal.SIGINT, lambda *_: proc.qmp("system_powerdown"))
+    proc.wait_exit(timeout=None)
+
+
+if __name__ == "__main__":
+    main()

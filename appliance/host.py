@@ -1,0 +1,137 @@
+"""Host set-up: what a Debian 12 build machine needs, installed idempotently."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ApplianceError
+
+BACKPORTS_SOURCES = Path("/etc/apt/sources.list.d/mailcluster-bookworm-backports.sources")
+BACKPORTS = """\
+# Added by ./build.py setup: mkosi 24.3 (bookworm has 14). Only this suite is added;
+# never trixie, whose libc would then be pulled onto the host.
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+@dataclass(frozen=True)
+class Need:
+    what: str                      # a command on PATH or an absolute path
+    package: str
+    backports: bool = False
+
+    def present(self) -> bool:
+        if self.what.startswith("/"):
+            return Path(self.what).exists()
+        return shutil.which(self.what, path="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin") is not None
+
+
+NEEDS = [
+    Need("mkosi", "mkosi", backports=True),
+    Need("systemd-repart", "systemd", backports=True),
+    Need("/usr/lib/systemd/ukify", "systemd", backports=True),
+    Need("/usr/lib/systemd/boot/efi/systemd-bootx64.efi", "systemd-boot-efi", backports=True),
+    Need("bootctl", "systemd-boot", backports=True),
+    Need("/usr/lib/python3/dist-packages/pefile.py", "python3-pefile", backports=True),
+    Need("depmod", "kmod"),
+    Need("mkfs.vfat", "dosfstools"),
+    Need("mcopy", "mtools"),
+    Need("zstd", "zstd"),
+    Need("xz", "xz-utils"),
+    Need("cpio", "cpio"),
+    Need("mkfs.ext4", "e2fsprogs"),
+    Need("bwrap", "bubblewrap"),
+    Need("systemd-nspawn", "systemd-container"),
+    Need("/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring"),
+    Need("apt-get", "apt"),
+    Need("gpg", "gpg"),
+    Need("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+    Need("qemu-system-x86_64", "qemu-system-x86"),
+    Need("qemu-img", "qemu-utils"),
+    Need("vde_switch", "vde2"),
+    Need("sfdisk", "fdisk"),
+    Need("losetup", "mount"),
+    Need("ip", "iproute2"),
+]
+
+
+def os_release() -> dict[str, str]:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except FileNotFoundError:
+        return {}
+    return {k: v.strip('"') for k, v in re.findall(r"^(\w+)=(.*)$", text, re.M)}
+
+
+def missing() -> list[Need]:
+    missing = [n for n in NEEDS if not n.present()]
+    if not any(n.package == "mkosi" for n in missing):
+        out = subprocess.run(["mkosi", "--version"], capture_output=True, text=True).stdout
+        if not re.search(r"\b24\.", out):
+            missing.insert(0, Need("mkosi", "mkosi", backports=True))
+    return missing
+
+
+def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
+    need = missing()
+    if not need:
+        log("host ready: every build and boot dependency is installed")
+        return
+    osr = os_release()
+    listing = "\n".join(f"  - {n.what} (Debian package {n.package}{', from bookworm-backports' if n.backports else ''})"
+                        for n in need)
+    if osr.get("ID") != "debian" or osr.get("VERSION_ID") != "12":
+        raise ApplianceError(
+            f"unsupported host ({osr.get('PRETTY_NAME', 'unknown OS')}); setup installs only on Debian 12. "
+            f"This host still needs:\n{listing}",
+            hint="install these by hand (mkosi must be 24.x), or use a Debian 12 machine",
+        )
+    if not install:
+        raise ApplianceError(f"the host is missing:\n{listing}", hint="run ./build.py setup")
+    if os.geteuid() != 0:
+        raise ApplianceError(f"setup must install packages as root; missing:\n{listing}", hint="sudo ./build.py setup")
+    log(f"host is missing:\n{listing}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if any(n.backports for n in need) and not _has_backports():
+        log(f"adding the bookworm-backports apt source ({BACKPORTS_SOURCES}) for mkosi 24.3")
+        BACKPORTS_SOURCES.write_text(BACKPORTS)
+    _apt(["apt-get", "update", "-q"], env, log)
+    bp = sorted({n.package for n in need if n.backports})
+    rest = sorted({n.package for n in need if not n.backports})
+    if bp:
+        _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports", *bp], env, log)
+    if rest:
+        _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", *rest], env, log)
+    still = missing()
+    if still:
+        raise ApplianceError("setup finished but these are still missing:\n"
+                             + "\n".join(f"  - {n.what} ({n.package})" for n in still))
+    log("host ready")
+
+
+def _has_backports() -> bool:
+    for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+        try:
+            if "bookworm-backports" in f.read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _apt(cmd: list[str], env: dict, log: Callable[[str], None]) -> None:
+    log("$ " + " ".join(cmd))
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        tail = "\n".join(r.stdout.splitlines()[-20:])
+        raise ApplianceError(f"{cmd[0]} failed (exit {r.returncode}):\n{tail}",
+                             hint="check the network and apt sources, then re-run ./build.py setup")

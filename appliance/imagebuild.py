@@ -1,0 +1,222 @@
+"""The mkosi driver: render → hash → build (once per hash) → publish into images/.
+
+Finished images live in a content-addressed store outside the checkout, keyed by a hash
+of the rendered mkosi configuration (which captures profiles, overlays and the site) plus
+this driver's own source and the mkosi version. A hash that is already in the store is
+never built again, so a fresh clone on the same machine and every xdist worker reuse it.
+Nothing appears in the store or in images/ until a build has fully succeeded.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import paths
+from .errors import BuildError
+from .profiles import ProfileSet
+from .render import render, tree_hash
+from .site import Site
+
+# mkosi must find ukify's python3-pefile under Debian's own interpreter, not a pyenv one.
+HOST_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+KEEP_PER_VARIANT = 2
+
+
+@dataclass(frozen=True)
+class Artifact:
+    variant: str
+    input_hash: str
+    raw: Path
+    manifest: Path
+    built: bool  # False when reused from the store
+
+    @property
+    def info(self) -> dict:
+        return json.loads(self.manifest.read_text())
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    paths.LOCKS.mkdir(parents=True, exist_ok=True)
+    with open(paths.LOCKS / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def mkosi_version() -> str:
+    try:
+        out = subprocess.run(["mkosi", "--version"], capture_output=True, text=True,
+                             env={**os.environ, "PATH": HOST_PATH}, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "missing"
+    return out.strip()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def variant_name(role: str, extra: tuple[str, ...]) -> str:
+    return "-".join((role, *extra))
+
+
+class Builder:
+    def __init__(self, profiles: ProfileSet, site: Site, log: Callable[[str], None] = print):
+        self.profiles = profiles
+        self.site = site
+        self.log = log
+
+    def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
+        variant = variant_name(role, extra)
+        dest = paths.BUILD / self.site.name / variant
+        render(self.site, role, self.profiles.compose(role, list(extra)), self.profiles.overlay_dir,
+               dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE)
+        salt = (Path(__file__).read_bytes() + mkosi_version().encode())
+        return dest, tree_hash(dest, salt)
+
+    def build(self, role: str, extra: tuple[str, ...] = (), refresh: bool = False) -> Artifact:
+        variant = variant_name(role, extra)
+        builddir, digest = self.render(role, extra)
+        store = paths.STORE / digest
+        if not refresh and (store / "complete").exists():
+            self.log(f"{variant}: up to date ({digest[:12]}), reusing {store}")
+            return self._publish(variant, digest, built=False)
+        # One build at a time: two cores, and every role shares the package cache.
+        with locked("build"):
+            if not refresh and (store / "complete").exists():
+                self.log(f"{variant}: built meanwhile by another process, reusing it")
+                return self._publish(variant, digest, built=False)
+            self._run_mkosi(role, variant, builddir, digest, refresh)
+        self._collect_garbage(variant)
+        return self._publish(variant, digest, built=True)
+
+    def _run_mkosi(self, role: str, variant: str, builddir: Path, digest: str, refresh: bool) -> None:
+        paths.STORE.mkdir(parents=True, exist_ok=True)
+        for d in (paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, paths.CACHE / "logs", paths.CACHE / "work"):
+            d.mkdir(parents=True, exist_ok=True)
+        staging = paths.STORE / f".tmp-{digest}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        logpath = paths.CACHE / "logs" / f"{self.site.name}-{variant}-{stamp}.log"
+        cmd = ["mkosi", "--directory", str(builddir), "--output-dir", str(staging),
+               "--workspace-dir", str(paths.CACHE / "work"), "--force", "build"]
+        if refresh:
+            cmd.insert(-1, "--force")  # -ff: also drop the incremental cache, re-resolve packages
+        self.log(f"{variant}: building with mkosi (input {digest[:12]}; log {logpath})")
+        started = time.monotonic()
+        try:
+            with open(logpath, "w") as log:
+                log.write("$ " + " ".join(cmd) + "\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        errors="replace", env={**os.environ, "PATH": HOST_PATH})
+                assert proc.stdout
+                for line in proc.stdout:
+                    log.write(line)
+                    if line.startswith("‣ ") and not line.startswith("‣  "):
+                        self.log(f"{variant}: {line[2:].rstrip()}")
+                rc = proc.wait()
+            if rc != 0:
+                raise BuildError(self._explain_failure(variant, logpath, rc), hint=f"full mkosi log: {logpath}")
+            raw = staging / f"{role}.raw"
+            if not raw.exists():
+                raise BuildError(f"{variant}: mkosi succeeded but wrote no {raw.name}", hint=f"full mkosi log: {logpath}")
+            elapsed = time.monotonic() - started
+            self._write_manifest(staging, role, variant, digest, elapsed, logpath)
+            (staging / "complete").touch()
+            final = paths.STORE / digest
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            self.log(f"{variant}: built in {elapsed:.0f} s")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _explain_failure(variant: str, logpath: Path, rc: int) -> str:
+        lines = logpath.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("CONFIG CHECK FAILED"):
+                detail = [l for l in lines[i:i + 25] if not l.startswith("‣")]
+                return f"{variant}: a rendered configuration was rejected by its checker:\n  " + "\n  ".join(detail)
+        step = next((l[2:] for l in reversed(lines) if l.startswith("‣  ")), "unknown step")
+        tail = "\n  ".join(lines[-25:])
+        return f"{variant}: mkosi failed (exit {rc}) during: {step.strip()}\n  last lines of the log:\n  {tail}"
+
+    def _write_manifest(self, staging: Path, role: str, variant: str, digest: str, elapsed: float, logpath: Path) -> None:
+        raw = staging / f"{role}.raw"
+        packages = []
+        mk_manifest = staging / f"{role}.manifest"
+        if mk_manifest.exists():
+            data = json.loads(mk_manifest.read_text())
+            packages = [{"name": p["name"], "version": p["version"], "architecture": p.get("architecture")}
+                        for p in data.get("packages", [])]
+        st = raw.stat()
+        manifest = {
+            "site": self.site.name,
+            "role": role,
+            "variant": variant,
+            "input_hash": digest,
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(elapsed, 1),
+            "mkosi": mkosi_version(),
+            "distribution": "debian trixie",
+            "image": {"file": raw.name, "sha256": sha256_file(raw),
+                      "apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512},
+            "packages": packages,
+            "log": str(logpath),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    def _publish(self, variant: str, digest: str, built: bool) -> Artifact:
+        """Hard-link the store's files into images/<site>/ and refresh SHA256SUMS there."""
+        store = paths.STORE / digest
+        info = json.loads((store / "manifest.json").read_text())
+        outdir = paths.IMAGES / self.site.name
+        outdir.mkdir(parents=True, exist_ok=True)
+        targets = {store / info["image"]["file"]: outdir / f"{variant}.raw",
+                   store / "manifest.json": outdir / f"{variant}.manifest.json"}
+        for src, dst in targets.items():
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:  # a different filesystem: copy, sparsely
+                subprocess.run(["cp", "--sparse=always", str(src), str(tmp)], check=True)
+            tmp.replace(dst)
+        sums = []
+        for m in sorted(outdir.glob("*.manifest.json")):
+            meta = json.loads(m.read_text())
+            sums.append(f"{meta['image']['sha256']}  {meta['variant']}.raw\n")
+        (outdir / "SHA256SUMS").write_text("".join(sums))
+        return Artifact(variant, digest, outdir / f"{variant}.raw", outdir / f"{variant}.manifest.json", built)
+
+    def _collect_garbage(self, variant: str) -> None:
+        """Keep the newest few store entries per site and variant; images/ links keep theirs alive."""
+        entries = []
+        for d in paths.STORE.iterdir():
+            m = d / "manifest.json"
+            if d.name.startswith(".") or not m.exists():
+                continue
+            meta = json.loads(m.read_text())
+            if meta.get("site") == self.site.name and meta.get("variant") == variant:
+                entries.append((m.stat().st_mtime, d))
+        for _, d in sorted(entries, reverse=True)[KEEP_PER_VARIANT:]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""The one QEMU launcher: `./build.py run` and the VM tests both boot through it.
+
+Guests run under TCG (no usable KVM here). The host reaches a guest only through
+forwards bound to 127.0.0.1 on QEMU user networking with `restrict=on`, so a guest can
+never open a connection out of the host. Guests reach each other on a private vde
+switch the caller creates. Each VM boots a qcow2 overlay over the read-only image, so the
+image in the store is never written to.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ApplianceError
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AGENT_PORT_NAME = "org.mailcluster.agent"
+USER_NET = "10.0.2.0/24"  # QEMU's slirp default: the management/forwarding NIC
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mac_for(name: str, nic: int) -> str:
+    """A stable, locally administered MAC per node and NIC."""
+    import hashlib
+    h = hashlib.sha256(f"{name}/{nic}".encode()).digest()
+    return "52:54:" + ":".join(f"{b:02x}" for b in h[:4])
+
+
+@dataclass
+class VMSpec:
+    name: str
+    image: Path                      # the raw image; opened read-only as a backing file
+    state_dir: Path                  # overlay disk, OVMF vars, sockets, logs
+    memory_mb: int = 1024
+    disk_size: str = "6G"            # virtual size of the overlay; first boot may grow into it
+    forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
+    credentials: dict[str, bytes] = field(default_factory=dict)
+    cluster_switch: Path | None = None   # vde_switch socket directory
+    cluster_mac: str | None = None
+    agent: bool = False              # add the virtio-serial test control port
+    interactive: bool = False        # serial console on this terminal instead of a log file
+    block_device: Path | None = None     # boot a real block device instead of an overlay
+
+    @property
+    def disk(self) -> Path:
+        return self.state_dir / "disk.qcow2"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.state_dir / "serial.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.state_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.state_dir / "agent.sock"
+
+    @property
+    def ovmf_vars(self) -> Path:
+        return self.state_dir / "OVMF_VARS.fd"
+
+
+def qemu_command(spec: VMSpec) -> list[str]:
+    """Build the QEMU command line for `spec` (pure: tested without booting)."""
+    fwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in sorted(spec.forwards.items()))
+    disk = (f"file={spec.block_device},format=raw,if=none,id=root,cache=unsafe"
+            if spec.block_device else f"file={spec.disk},format=qcow2,if=none,id=root,cache=unsafe,discard=unmap")
+    cmd = [
+        "qemu-system-x86_64",
+        "-name", spec.name,
+        "-machine", "q35",
+        "-accel", "tcg,tb-size=256",
+        "-cpu", "max",
+        "-smp", "2",
+        "-m", str(spec.memory_mb),
+        "-nodefaults",
+        "-display", "none",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,file={spec.ovmf_vars}",
+        "-drive", disk,
+        "-device", "virtio-blk-pci,drive=root,bootindex=1",
+        "-device", "virtio-rng-pci",
+        # NIC 0: management. restrict=on: the guest cannot reach anything but these forwards.
+        "-netdev", f"user,id=mgmt,restrict=on,net={USER_NET}{fwd}",
+        "-device", f"virtio-net-pci,netdev=mgmt,mac={mac_for(spec.name, 0)}",
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+    ]
+    if spec.cluster_switch is not None:
+        cmd += [
+            "-netdev", f"vde,id=cluster,sock={spec.cluster_switch}",
+            "-device", f"virtio-net-pci,netdev=cluster,mac={spec.cluster_mac or mac_for(spec.name, 1)}",
+        ]
+    if spec.interactive:
+        cmd += ["-serial", "mon:stdio"]
+    else:
+        cmd += ["-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0"]
+    if spec.agent:
+        cmd += [
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    for name, value in sorted(spec.credentials.items()):
+        b64 = base64.b64encode(value).decode()
+        cmd += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]
+    return cmd
+
+
+def check_host() -> None:
+    missing = [p for p in ("qemu-system-x86_64", "qemu-img") if shutil.which(p) is None]
+    missing += [str(p) for p in (OVMF_CODE, OVMF_VARS) if not p.exists()]
+    if missing:
+        raise ApplianceError(f"cannot boot images: missing {', '.join(missing)}", hint="run ./build.py setup")
+
+
+def prepare(spec: VMSpec, fresh: bool = True) -> None:
+    """Create the VM's state: a copy of the UEFI variables and an overlay over the image."""
+    check_host()
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    if fresh or not spec.ovmf_vars.exists():
+        shutil.copyfile(OVMF_VARS, spec.ovmf_vars)
+    if spec.block_device is None and (fresh or not spec.disk.exists()):
+        spec.disk.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(spec.image.resolve()),
+                        str(spec.disk), spec.disk_size], check=True)
+    for sock in (spec.qmp_socket, spec.agent_socket):
+        sock.unlink(missing_ok=True)
+
+
+class QemuProcess:
+    """A running QEMU; stopped by its own PID only."""
+
+    def __init__(self, spec: VMSpec):
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        cmd = qemu_command(self.spec)
+        (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
+        stdio = None if self.spec.interactive else subprocess.DEVNULL
+        err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
+        self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=not self.spec.interactive)
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def qmp(self, command: str, **arguments) -> dict:
+        """One QMP command over a fresh connection (bounded by a socket timeout)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(self.spec.qmp_socket))
+            f = s.makefile("rw")
+            f.readline()  # greeting
+            for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+                f.write(json.dumps(cmd) + "\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline())
+                    if "return" in reply or "error" in reply:
+                        break
+            if "error" in reply:
+                raise ApplianceError(f"{self.spec.name}: QMP {command} failed: {reply['error']}")
+            return reply["return"]
+
+    def wait_exit(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def powerdown(self, timeout: float = 90) -> None:
+        """ACPI power button, then a bounded wait; kill if the guest ignores it."""
+        if not self.running:
+            return
+        try:
+            self.qmp("system_powerdown")
+        except (OSError, ApplianceError, ValueError):
+            pass
+        if not self.wait_exit(timeout):
+            self.kill()
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def wait_for_banner(port: int, prefix: bytes, timeout: float, host: str = "127.0.0.1") -> bytes:
+    """A forwarded port accepts before the guest listens: wait for the protocol's greeting."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.settimeout(10)
+                data = s.recv(512)
+                if data.startswith(prefix):
+                    return data
+                last = ApplianceError(f"unexpected greeting {data[:60]!r}")
+        except OSError as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"no {prefix!r} greeting on 127.0.0.1:{port} within {timeout:.0f} s ({last})")

@@ -1,0 +1,315 @@
+"""Render one role's complete mkosi configuration into a build directory.
+
+The directory is generated and never edited by hand. Each layer (base → hardened → role →
+extra layers → site) becomes one `mkosi.conf.d/` drop-in so mkosi does the merging, one
+systemd preset file so systemd does the enabling, and its overlays become extra trees
+rendered from the site model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import jinja2
+
+from .errors import ConfigError
+from .profiles import Partition, Profile, resolved_partitions
+from .site import Site
+
+DISTRIBUTION = ("debian", "trixie")
+
+# The initrd only needs what finds and mounts the root disk; mkosi 24.3 otherwise packs
+# every module (133 MB UKI). crc32c: ext4 metadata checksums fail without it.
+INITRD_MODULES = [
+    "virtio", "virtio_.*", "ext4", "crc32c.*", "libcrc32c", "vfat", "nls_cp437",
+    "nls_iso8859-1", "efivarfs", "autofs4", "configfs", "loop", "dm-mod", "sd_mod",
+    "ahci", "nvme", "nvme_core", "xhci_pci", "usb_storage", "scsi_mod",
+]
+
+CONSOLE_CMDLINE = ["console=ttyS0,115200", "systemd.firstboot=off", "systemd.show_status=auto"]
+
+# Debian's postfix postinst needs an FQDN; nodes get their real names from credentials.
+SKELETON = {
+    "etc/mailname": "unprovisioned.invalid\n",
+    "etc/hostname": "unprovisioned\n",
+}
+
+
+# This exact file name replaces mkosi's own list, which adds an unreachable debian-debug
+# repository. Security updates come in at every build (the image cache is keyed by input
+# hash; `build --refresh` re-resolves packages).
+APT_SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def site_layer(site: Site, layers: list[Profile]) -> Profile:
+    """The site file's image settings as the last layer of every role."""
+    parts = resolved_partitions(layers)
+    overrides = {}
+    if "data" in parts:
+        overrides["data"] = parts["data"].model_copy(update={"size_min": site.image.data_size})
+    mk = {"Content": {"KernelCommandLine": site.image.kernel_command_line}} if site.image.kernel_command_line else {}
+    return Profile(
+        description=f"site {site.name}",
+        packages=site.image.extra_packages,
+        partitions=overrides,
+        mkosi=mk,
+        name="site",
+    )
+
+
+# mkosi splits most list settings on commas; these few on spaces.
+_SPACE_LISTS = {"KernelCommandLine", "KernelCommandLineExtra", "Environment"}
+
+
+def _ini_value(key: str, v: object) -> str:
+    if isinstance(v, list):
+        return (" " if key in _SPACE_LISTS else ",").join(str(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def _ini(sections: dict[str, dict[str, object]]) -> str:
+    out = []
+    for section, settings in sections.items():
+        if not settings:
+            continue
+        out.append(f"[{section}]")
+        for key, value in settings.items():
+            out.append(f"{key}={_ini_value(key, value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+class TemplateRenderer:
+    def __init__(self, context: dict):
+        self.context = context
+
+    def render_file(self, src: Path) -> str:
+        env = jinja2.Environment(
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            loader=jinja2.FileSystemLoader(str(src.parent)),
+        )
+        try:
+            return env.get_template(src.name).render(**self.context)
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"{src}:{e.lineno}: template syntax error: {e.message}") from None
+        except jinja2.UndefinedError as e:
+            raise ConfigError(f"{src}:{_template_line(e, src)}: {e.message}",
+                              hint="the site model has no such value; check the variable name") from None
+        except ConfigError:
+            raise
+        except Exception as e:  # a filter or attribute error inside the template
+            raise ConfigError(f"{src}:{_template_line(e, src)}: {type(e).__name__}: {e}") from None
+
+
+def _template_line(exc: BaseException, src: Path) -> str:
+    line = "?"
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == str(src):
+            line = str(lineno)
+    return line
+
+
+def _copy_overlay(src: Path, dest: Path, renderer: TemplateRenderer) -> None:
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] == "README.md" or path.name == ".gitkeep":
+            continue
+        target = dest / rel
+        if path.is_dir() and not path.is_symlink():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            target.symlink_to(os.readlink(path))
+        elif path.suffix == ".j2":
+            target = target.with_suffix("")
+            target.write_text(renderer.render_file(path))
+            shutil.copymode(path, target)
+        else:
+            shutil.copy2(path, target)
+
+
+def _source_name(layer: Profile) -> str:
+    # Relative, so the same inputs hash the same in any checkout (CI's fresh clone too).
+    if layer.path == Path():
+        return "the site file"
+    return f"{layer.path.parent.name}/{layer.path.name}"
+
+
+def _repart(p: Partition) -> str:
+    keys = {
+        "Type": p.type, "Format": p.format, "Label": p.label,
+        "SizeMinBytes": p.size_min, "SizeMaxBytes": p.size_max, "Minimize": p.minimize,
+    }
+    lines = ["[Partition]"] + [f"{k}={v}" for k, v in keys.items() if v is not None]
+    lines += [f"CopyFiles={c}" for c in p.copy_files]
+    return "\n".join(lines) + "\n"
+
+
+def _postinst(checks: list[tuple[str, str]]) -> str:
+    """Runs inside the image: each layer's config checkers, failing loudly on the first error."""
+    lines = [
+        "#!/bin/bash",
+        "# Generated: runs every rendered daemon configuration through the daemon's own checker.",
+        "set -uo pipefail",
+        "fail() { echo \"CONFIG CHECK FAILED ($1): $2\" >&2; echo \"$3\" >&2; exit 1; }",
+    ]
+    for layer, cmd in checks:
+        q = cmd.replace("'", "'\\''")
+        lines += [
+            f"echo 'config check ({layer}): {q}'",
+            f"if ! out=$( {cmd} 2>&1 ); then fail '{layer}' '{q}' \"$out\"; fi",
+            # Postfix ignores a misspelt parameter with only a warning; treat it as an error.
+            'if grep -qE "fatal:|unused parameter" <<<"$out"; then '
+            f"fail '{layer}' '{q}' \"$out\"; fi",
+        ]
+    lines += ["echo 'config checks passed'", ""]
+    return "\n".join(lines)
+
+
+def render(
+    site: Site,
+    role: str,
+    layers: list[Profile],
+    overlay_dir: Path,
+    dest: Path,
+    cache_dir: Path,
+    package_cache: Path,
+) -> Path:
+    """Write a complete mkosi configuration for `role` into `dest` (wiped first)."""
+    layers = [*layers, site_layer(site, layers)]
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "mkosi.conf.d").mkdir(parents=True)
+
+    for rel, text in SKELETON.items():
+        (dest / "skeleton" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / "skeleton" / rel).write_text(text)
+
+    sources = dest / "pkgmngr/etc/apt/sources.list.d/mkosi.sources"
+    sources.parent.mkdir(parents=True)
+    sources.write_text(APT_SOURCES)
+
+    ports = {}
+    for layer in layers:
+        ports.update(layer.ports)
+    context = {
+        "site": site,
+        "role": role,
+        "layers": [l.name for l in layers],
+        "ports": ports,
+        "nodes_by_role": {r: site.nodes_with_role(r) for r in {n.role for n in site.nodes} | {role}},
+    }
+    renderer = TemplateRenderer(context)
+
+    (dest / "mkosi.conf").write_text(_ini({
+        "Distribution": {"Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64"},
+        "Output": {
+            "Format": "disk",
+            "ImageId": f"mailcluster-{role}",
+            "Output": role,
+            "ManifestFormat": "json",
+            "CompressOutput": "no",
+            "CacheDirectory": str(cache_dir),
+            "PackageCacheDirectory": str(package_cache),
+            "RepartDirectories": "mkosi.repart",
+        },
+        "Content": {
+            "Bootable": "yes",
+            "Bootloader": "systemd-boot",
+            "UnifiedKernelImages": "yes",
+            "Locale": "C.UTF-8",
+            "Timezone": "UTC",
+            "Keymap": "us",
+            "KernelCommandLine": CONSOLE_CMDLINE,
+            "KernelModulesInitrdExclude": ".*",
+            "KernelModulesInitrdInclude": INITRD_MODULES,
+            "SkeletonTrees": "skeleton",
+            "PackageManagerTrees": "pkgmngr",
+            "PostInstallationScripts": "mkosi.postinst.chroot",
+        },
+        "Host": {"Incremental": "yes"},
+    }))
+
+    checks: list[tuple[str, str]] = []
+    for i, layer in enumerate(layers):
+        idx = f"{(i + 1) * 10:02d}"
+        trees = []
+        for ov in layer.overlays:
+            tree = dest / "trees" / f"{idx}-{layer.name}" / ov
+            tree.mkdir(parents=True)
+            _copy_overlay(overlay_dir / ov, tree, renderer)
+            trees.append(f"trees/{idx}-{layer.name}/{ov}")
+        if layer.services.enable or layer.services.disable:
+            preset = dest / "trees" / f"{idx}-{layer.name}" / "_preset"
+            pfile = preset / "usr/lib/systemd/system-preset" / f"{idx}-mailcluster-{layer.name}.preset"
+            pfile.parent.mkdir(parents=True)
+            pfile.write_text(
+                f"# Generated from profile {layer.name}\n"
+                + "".join(f"enable {s}\n" for s in layer.services.enable)
+                + "".join(f"disable {s}\n" for s in layer.services.disable)
+            )
+            trees.append(f"trees/{idx}-{layer.name}/_preset")
+        sections: dict[str, dict[str, object]] = {"Content": {}}
+        if layer.packages:
+            sections["Content"]["Packages"] = layer.packages
+        if trees:
+            sections["Content"]["ExtraTrees"] = trees
+        for sec, settings in layer.mkosi.items():
+            sections.setdefault(sec, {}).update(settings)
+        (dest / "mkosi.conf.d" / f"{idx}-{layer.name}.conf").write_text(
+            f"# Generated from {_source_name(layer)}: {layer.description}\n"
+            + _ini(sections)
+        )
+        checks += [(layer.name, c) for c in layer.checks]
+
+    repart = dest / "mkosi.repart"
+    repart.mkdir()
+    for name, part in resolved_partitions(layers).items():
+        (repart / f"{part.order:02d}-{name}.conf").write_text(_repart(part))
+
+    script = dest / "mkosi.postinst.chroot"
+    script.write_text(_postinst(checks))
+    script.chmod(0o755)
+
+    (dest / "layers.json").write_text(json.dumps(
+        {"role": role, "site": site.name, "layers": [l.name for l in layers]}, indent=2) + "\n")
+    return dest
+
+
+def tree_hash(root: Path, extra: bytes = b"") -> str:
+    """A hash of every file's path, mode and content under `root` (symlinks by target)."""
+    h = hashlib.sha256(extra)
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root)).encode()
+        st = path.lstat()
+        if path.is_symlink():
+            h.update(b"L" + rel + b"\0" + os.readlink(path).encode() + b"\0")
+        elif path.is_file():
+            h.update(b"F" + rel + b"\0" + oct(st.st_mode & 0o7777).encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        elif path.is_dir():
+            h.update(b"D" + rel + b"\0")
+    return h.hexdigest()

@@ -1,0 +1,269 @@
+"""The site model: one YAML file describes one cluster.
+
+Parsed into frozen pydantic models; every error names the file, the key path and what
+was expected. Unknown keys are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+Hostname = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+]
+DomainName = Annotated[
+    str,
+    StringConstraints(
+        max_length=253, pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+    ),
+]
+Size = Annotated[str, StringConstraints(pattern=r"^[0-9]+[KMGT]$")]
+Duration = Annotated[str, StringConstraints(pattern=r"^[0-9]+[smhdw]$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Network(_Model):
+    cluster: ipaddress.IPv4Network = Field(
+        description="private network the nodes talk on (CIDR)"
+    )
+    admin: ipaddress.IPv4Network | None = Field(
+        default=None,
+        description="network allowed to reach SSH and admin endpoints; default: cluster",
+    )
+    gateway: ipaddress.IPv4Address | None = None
+
+    @property
+    def admin_network(self) -> ipaddress.IPv4Network:
+        return self.admin or self.cluster
+
+
+class Node(_Model):
+    name: Hostname
+    role: str = Field(description="a role profile: frontend, filter or mailstore")
+    address: ipaddress.IPv4Address
+    mac: Annotated[
+        str, StringConstraints(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+    ] | None = Field(default=None, description="MAC of the cluster NIC (bare metal)")
+
+
+class User(_Model):
+    address: Annotated[str, StringConstraints(pattern=r"^[a-z0-9._+-]+@[a-z0-9.-]+$")]
+    quota: Size = "1G"
+    # A crypt(3)-style hash ({ARGON2ID}/{SHA512-CRYPT}); never a plaintext password.
+    # Missing: the builder generates a password into the site's secrets directory.
+    password_hash: str | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _strong_hash(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(r"^\{(ARGON2ID|ARGON2I|SHA512-CRYPT|BLF-CRYPT)\}\S+$", value):
+            raise ValueError(
+                "expected a strong hash such as '{ARGON2ID}$argon2id$...' or "
+                "'{SHA512-CRYPT}$6$...' (plaintext and weak schemes are refused)"
+            )
+        return value
+
+
+class BackupPair(_Model):
+    primary: Hostname
+    backup: Hostname
+    schedule: str = Field(default="hourly", description="systemd OnCalendar= expression")
+
+
+class Retention(_Model):
+    daily: int = Field(default=30, ge=1)
+    monthly: int = Field(default=120, ge=0)
+
+
+class Filter(_Model):
+    engine: Literal["rspamd", "spamassassin", "crm114"] = "rspamd"
+    reject_score: float = 15.0
+    queue_lifetime: Duration = "5d"
+
+    @field_validator("queue_lifetime")
+    @classmethod
+    def _at_least_five_days(cls, value: str) -> str:
+        seconds = int(value[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[value[-1]]
+        if seconds < 5 * 86400:
+            raise ValueError("expected at least 5d: shorter lifetimes bounce mail during outages")
+        return value
+
+
+class RateLimit(_Model):
+    connections: int = Field(default=20, ge=1)
+    period: Duration = "10s"
+
+
+class Frontend(_Model):
+    ports: list[Literal[25, 465, 587]] = [25]
+    rate_limit: RateLimit = RateLimit()
+
+
+class Tls(_Model):
+    # Paths relative to the site file. Unset: each node generates its own at first boot.
+    certificate: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "Tls":
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("expected both 'certificate' and 'key', or neither")
+        return self
+
+
+class Image(_Model):
+    data_size: Size = Field(default="2G", description="mailstore data partition, grown to the disk at first boot")
+    extra_packages: list[str] = []
+    kernel_command_line: list[str] = []
+
+
+class Site(_Model):
+    name: Hostname
+    domain: DomainName
+    domains: list[DomainName] = []
+    network: Network
+    nodes: list[Node] = Field(min_length=1)
+    users: list[User] = []
+    backups: list[BackupPair] = []
+    filter: Filter = Filter()
+    frontend: Frontend = Frontend()
+    tls: Tls = Tls()
+    retention: Retention = Retention()
+    image: Image = Image()
+
+    @property
+    def mail_domains(self) -> list[str]:
+        return [self.domain, *[d for d in self.domains if d != self.domain]]
+
+    def nodes_with_role(self, role: str) -> list[Node]:
+        return [n for n in self.nodes if n.role == role]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(
+            f"no node named {name!r} in site {self.name!r}",
+            hint="known nodes: " + ", ".join(n.name for n in self.nodes),
+        )
+
+    @property
+    def roles(self) -> list[str]:
+        return sorted({n.role for n in self.nodes})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Site":
+        problems: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        addrs: dict[ipaddress.IPv4Address, str] = {}
+        for i, n in enumerate(self.nodes):
+            if n.name in seen:
+                problems.append((f"nodes[{i}].name", f"duplicate node name {n.name!r} (also nodes[{seen[n.name]}])"))
+            seen.setdefault(n.name, i)
+            if n.address not in self.network.cluster:
+                problems.append((f"nodes[{i}].address", f"{n.address} is outside network.cluster {self.network.cluster}"))
+            if n.address in addrs:
+                problems.append((f"nodes[{i}].address", f"{n.address} is already used by {addrs[n.address]!r}"))
+            addrs.setdefault(n.address, n.name)
+        by_name = {n.name: n for n in self.nodes}
+        for i, pair in enumerate(self.backups):
+            for key in ("primary", "backup"):
+                name = getattr(pair, key)
+                node = by_name.get(name)
+                if node is None:
+                    problems.append((f"backups[{i}].{key}", f"unknown node {name!r}"))
+                elif node.role != "mailstore":
+                    problems.append((f"backups[{i}].{key}", f"{name!r} has role {node.role!r}; expected a mailstore"))
+            if pair.primary == pair.backup:
+                problems.append((f"backups[{i}]", "a mailstore cannot back itself up"))
+        for i, u in enumerate(self.users):
+            domain = u.address.split("@", 1)[1]
+            if domain not in self.mail_domains:
+                problems.append((f"users[{i}].address", f"domain {domain!r} is not one of the site's domains {self.mail_domains}"))
+        if len({u.address for u in self.users}) != len(self.users):
+            problems.append(("users", "duplicate user address"))
+        if problems:
+            raise ValueError("; ".join(f"{k}: {v}" for k, v in problems))
+        return self
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (remove it or check its spelling)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind.startswith("string_pattern"):
+        return f"expected {msg.split('match pattern')[0].strip() or 'a value'} of the right form, got {value!r}"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{msg} (got {value!r})" if not isinstance(value, (dict, list)) else msg
+
+
+def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site:
+    """Validate parsed YAML; raise ConfigError naming `source` and every bad key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        site = Site.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            if err["type"] == "value_error" and not err["loc"]:
+                # model-level consistency checks carry their own key paths
+                lines.extend(f"{source}: {p}" for p in err["msg"].removeprefix("Value error, ").split("; "))
+            else:
+                lines.append(f"{source}: {_loc(err['loc'])}: {_describe(err)}")
+        raise ConfigError("\n".join(lines), hint="see sites/example.yaml for a valid site file") from None
+    bad = [(i, n) for i, n in enumerate(site.nodes) if n.role not in known_roles]
+    if bad:
+        raise ConfigError(
+            "\n".join(
+                f"{source}: nodes[{i}].role: unknown role {n.role!r}; expected one of {', '.join(known_roles)}"
+                for i, n in bad
+            )
+        )
+    return site
+
+
+def load_site(path: Path, known_roles: list[str]) -> Site:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: site file not found", hint="pass --site PATH, or omit it to use sites/example.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_site(data, path, known_roles)

@@ -1,0 +1,354 @@
+"""A small VM driver in the spirit of the NixOS test driver.
+
+`Machine` wraps one QEMU guest: lifecycle (start, shutdown, crash), a control channel
+over virtio-serial (test images only), and bounded waits that fail with the serial
+console tail and the failing unit's journal attached. `Cluster` boots a site's nodes on
+a private vde switch, exposing machines by node name.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import ipaddress
+import itertools
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import qemu
+from .site import Node, Site
+
+
+class MachineError(Exception):
+    """The driver or the guest broke (as opposed to a test assertion failing)."""
+
+
+def log(msg: str) -> None:
+    print(f"[vm] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def subtest(name: str) -> Iterator[None]:
+    """Group steps; a failure inside names the step it was at."""
+    log(f"subtest: {name}")
+    try:
+        yield
+    except BaseException as e:
+        e.add_note(f"(in subtest: {name})")
+        raise
+
+
+def retry(fn: Callable[[bool], bool], timeout: float, interval: float = 1.0) -> None:
+    """Call fn(last_try) until it returns True; the last try may gather diagnostics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = time.monotonic() + interval >= deadline
+        if fn(last):
+            return
+        if last:
+            raise TimeoutError(f"condition not met within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def node_credentials(site: Site, node: Node, mac: str | None) -> dict[str, bytes]:
+    """The identity a node receives at boot as systemd credentials."""
+    net = site.network.cluster
+    match = f"MACAddress={mac}" if mac else "Name=en*"
+    network = (
+        "[Match]\n" f"{match}\n\n"
+        "[Network]\n" f"Address={node.address}/{net.prefixlen}\n"
+        "LinkLocalAddressing=no\nIPv6AcceptRA=no\n"
+    )
+    if site.network.gateway:
+        network += f"Gateway={site.network.gateway}\n"
+    return {
+        "system.hostname": node.name.encode(),
+        # systemd-network-generator turns this into /run/systemd/network/10-cluster.network.
+        "network.network.10-cluster": network.encode(),
+    }
+
+
+class Machine:
+    _ids = itertools.count(1)
+
+    def __init__(self, spec: qemu.VMSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.process = qemu.QemuProcess(spec)
+        self._agent: socket.socket | None = None
+        self._agent_buf = b""
+        self._booted_once = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self, boot_timeout: float = 300) -> None:
+        """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent."""
+        if self.process.running:
+            return
+        qemu.prepare(self.spec, fresh=not self._booted_once)
+        self._booted_once = True
+        log(f"{self.name}: starting ({self.spec.image.name})")
+        self.process.start()
+        self._connect_agent(boot_timeout)
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """Clean power-off through ACPI; the disk keeps its state for a later start()."""
+        log(f"{self.name}: shutting down")
+        self._close_agent()
+        self.process.powerdown(timeout)
+
+    def crash(self) -> None:
+        """Hard power-off: no flush, no clean unmount."""
+        log(f"{self.name}: crashing (hard power-off)")
+        self._close_agent()
+        self.process.kill()
+
+    def block(self) -> None:
+        """Pull the cluster cable; the control channel stays up."""
+        log(f"{self.name}: cluster link down")
+        self.process.qmp("set_link", name="cluster", up=False)
+
+    def unblock(self) -> None:
+        log(f"{self.name}: cluster link up")
+        self.process.qmp("set_link", name="cluster", up=True)
+
+    def forward(self, guest_port: int) -> int:
+        """The 127.0.0.1 port on the host that reaches `guest_port`."""
+        try:
+            return self.spec.forwards[guest_port]
+        except KeyError:
+            raise MachineError(f"{self.name}: port {guest_port} is not forwarded "
+                               f"(forwarded: {sorted(self.spec.forwards)})") from None
+
+    # ---- control channel -------------------------------------------------------------
+    def _connect_agent(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.spec.agent_socket.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise MachineError(f"{self.name}: QEMU never created {self.spec.agent_socket}")
+            time.sleep(0.1)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(self.spec.agent_socket))
+        self._agent, self._agent_buf = s, b""
+        # Requests sent before the guest opens its port may be dropped: ping until one answers.
+        while True:
+            self._check_alive()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MachineError(f"{self.name}: the guest's test agent did not answer within {timeout:.0f} s"
+                                   + self.diagnostics())
+            try:
+                self._request("true", timeout=min(5.0, remaining))
+                log(f"{self.name}: agent up after {time.monotonic() - self.process.started_at:.0f} s")
+                return
+            except TimeoutError:
+                continue
+
+    def _close_agent(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    def _check_alive(self) -> None:
+        if not self.process.running:
+            raise MachineError(f"{self.name}: QEMU exited" + self.diagnostics())
+
+    def _request(self, script: str, timeout: float) -> tuple[int, str]:
+        if self._agent is None:
+            raise MachineError(f"{self.name}: not running (call start())")
+        rid = str(next(self._ids))
+        self._agent.sendall(f"{rid} {base64.b64encode(script.encode()).decode()}\n".encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._agent_buf:
+                line, self._agent_buf = self._agent_buf.split(b"\n", 1)
+                parts = line.decode().split(" ", 2)
+                if parts[0] == rid:  # replies to abandoned requests are skipped
+                    return int(parts[1]), base64.b64decode(parts[2] if len(parts) > 2 else "").decode(errors="replace")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no answer to {script[:80]!r} within {timeout:.0f} s")
+            self._agent.settimeout(min(remaining, 5))
+            try:
+                chunk = self._agent.recv(65536)
+            except socket.timeout:
+                self._check_alive()
+                continue
+            if not chunk:
+                raise MachineError(f"{self.name}: control channel closed" + self.diagnostics())
+            self._agent_buf += chunk
+
+    def execute(self, cmd: str, timeout: float = 300) -> tuple[int, str]:
+        return self._request(cmd, timeout)
+
+    def succeed(self, *cmds: str, timeout: float = 300) -> str:
+        __tracebackhide__ = True
+        out = ""
+        for cmd in cmds:
+            rc, o = self.execute(cmd, timeout)
+            if rc != 0:
+                raise AssertionError(f"{self.name}: command failed (exit {rc}): {cmd}\n{o}")
+            out += o
+        return out
+
+    def fail(self, *cmds: str, timeout: float = 300) -> str:
+        __tracebackhide__ = True
+        out = ""
+        for cmd in cmds:
+            rc, o = self.execute(cmd, timeout)
+            if rc == 0:
+                raise AssertionError(f"{self.name}: command unexpectedly succeeded: {cmd}\n{o}")
+            out += o
+        return out
+
+    def wait_until_succeeds(self, cmd: str, timeout: float = 120) -> str:
+        __tracebackhide__ = True
+        result: dict[str, str] = {}
+
+        def check(last: bool) -> bool:
+            rc, out = self.execute(cmd, timeout=max(10, timeout))
+            result["out"] = out
+            return rc == 0
+
+        try:
+            retry(check, timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: never succeeded within {timeout:.0f} s: {cmd}\n"
+                                 f"last output:\n{result.get('out', '')}") from None
+        return result["out"]
+
+    def wait_for_unit(self, unit: str, timeout: float = 180) -> None:
+        """Wait until `unit` is active; fail at once, with its journal, if it fails."""
+        __tracebackhide__ = True
+        state: dict[str, str] = {}
+
+        def check(last: bool) -> bool:
+            out = self.succeed(f"systemctl show -P ActiveState {shlex.quote(unit)}").strip()
+            state["s"] = out
+            if out == "failed":
+                raise AssertionError(f"{self.name}: unit {unit} failed\n" + self.journal(unit))
+            return out == "active"
+
+        try:
+            retry(check, timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: unit {unit} not active within {timeout:.0f} s "
+                                 f"(state {state.get('s')})\n" + self.journal(unit)) from None
+
+    def wait_for_open_port(self, port: int, timeout: float = 120) -> None:
+        __tracebackhide__ = True
+        self.wait_until_succeeds(f"ss -Htln 'sport = :{port}' | grep -q .", timeout)
+
+    def wait_for_boot(self, timeout: float = 240) -> None:
+        """multi-user.target reached (or a clear report of what failed on the way)."""
+        __tracebackhide__ = True
+        rc_out: dict[str, str] = {}
+
+        def check(last: bool) -> bool:
+            rc, out = self.execute("systemctl is-system-running --wait", timeout=timeout)
+            rc_out["out"] = out.strip()
+            return out.strip() in ("running", "degraded")
+
+        retry(check, timeout, interval=2)
+        if rc_out["out"] == "degraded":
+            failed = self.succeed("systemctl --failed --no-legend --plain")
+            raise AssertionError(f"{self.name}: booted degraded; failed units:\n{failed}\n"
+                                 + "\n".join(self.journal(u.split()[0]) for u in failed.splitlines() if u.strip()))
+
+    def copy_from_host(self, src: Path, dest: str) -> None:
+        data = base64.b64encode(Path(src).read_bytes()).decode()
+        self.succeed(f"mkdir -p {shlex.quote(str(Path(dest).parent))}; base64 -d > {shlex.quote(dest)} <<'EOF'\n{data}\nEOF")
+
+    def copy_to_host(self, src: str, dest: Path) -> None:
+        out = self.succeed(f"base64 -w0 {shlex.quote(src)}")
+        Path(dest).write_bytes(base64.b64decode(out))
+
+    # ---- diagnostics -----------------------------------------------------------------
+    def journal(self, unit: str, lines: int = 60) -> str:
+        try:
+            rc, out = self.execute(f"journalctl -b --no-pager -n {lines} -u {shlex.quote(unit)}", timeout=30)
+        except Exception as e:  # the channel itself may be what broke
+            return f"(journal of {unit} unavailable: {e})"
+        return f"--- journal of {unit} on {self.name} ---\n{out}"
+
+    def serial_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.spec.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no serial log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def diagnostics(self) -> str:
+        return (f"\n--- serial console of {self.name} ({self.spec.serial_log}), last lines ---\n"
+                f"{self.serial_tail()}")
+
+    def close(self) -> None:
+        self._close_agent()
+        self.process.kill()
+
+
+class Switch:
+    """A private userspace Ethernet switch (vde2); nothing else is plugged into it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if shutil.which("vde_switch") is None:
+            raise MachineError("vde_switch not found; run ./build.py setup")
+        shutil.rmtree(self.directory, ignore_errors=True)
+        # stdin stays an open pipe: vde_switch treats end-of-file on its console as "quit".
+        self.proc = subprocess.Popen(["vde_switch", "--sock", str(self.directory)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        retry(lambda last: (self.directory / "ctl").exists(), timeout=10, interval=0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Cluster:
+    """Nodes of a site on one private switch, by node name."""
+
+    def __init__(self, site: Site, images: dict[str, Path], workdir: Path,
+                 forwards: Callable[[Node], list[int]], agent: bool = True, memory_mb: int = 1024):
+        self.site = site
+        self.images = images
+        self.workdir = workdir
+        self.forwards = forwards
+        self.agent = agent
+        self.memory_mb = memory_mb
+        self.switch = Switch(workdir / "switch")
+        self.machines: dict[str, Machine] = {}
+
+    def __getitem__(self, name: str) -> Machine:
+        return self.machines[name]
+
+    def machine(self, node: Node, credentials: dict[str, bytes] | None = None) -> Machine:
+        if self.switch.proc is None:
+            self.switch.start()
+        mac = node.mac or qemu.mac_for(node.name, 1)
+        creds = node_credentials(self.site, node, mac)
+        creds.update(credentials or {})
+        spec = qemu.VMSpec(
+            name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,
+            memory_mb=self.memory_mb, forwards={p: qemu.free_port() for p in self.forwards(node)},
+            credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent,
+        )
+        m = Machine(spec)
+        self.machines[node.name] = m
+        return m
+
+    def close(self) -> None:
+        for m in self.machines.values():
+            m.close()
+        self.switch.stop()
