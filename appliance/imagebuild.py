@@ -78,14 +78,17 @@ def variant_name(role: str, extra: tuple[str, ...]) -> str:
 
 
 class Builder:
-    def __init__(self, profiles: ProfileSet, site: Site, log: Callable[[str], None] = print):
+    def __init__(self, profiles: ProfileSet, site: Site, log: Callable[[str], None] = print,
+                 build_root: Path = paths.BUILD, images_root: Path = paths.IMAGES):
         self.profiles = profiles
         self.site = site
         self.log = log
+        self.build_root = build_root
+        self.images_root = images_root
 
     def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
         variant = variant_name(role, extra)
-        dest = paths.BUILD / self.site.name / variant
+        dest = self.build_root / self.site.name / variant
         render(self.site, role, self.profiles.compose(role, list(extra)), self.profiles.overlay_dir,
                dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE)
         salt = (Path(__file__).read_bytes() + mkosi_version().encode())
@@ -189,7 +192,7 @@ class Builder:
         """Hard-link the store's files into images/<site>/ and refresh SHA256SUMS there."""
         store = paths.STORE / digest
         info = json.loads((store / "manifest.json").read_text())
-        outdir = paths.IMAGES / self.site.name
+        outdir = self.images_root / self.site.name
         outdir.mkdir(parents=True, exist_ok=True)
         targets = {store / info["image"]["file"]: outdir / f"{variant}.raw",
                    store / "manifest.json": outdir / f"{variant}.manifest.json"}

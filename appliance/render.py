@@ -151,6 +151,30 @@ def _copy_overlay(src: Path, dest: Path, renderer: TemplateRenderer) -> None:
             shutil.copy2(path, target)
 
 
+def _mkosi_sections() -> dict[str, str] | None:
+    """mkosi's own table of setting -> section, when mkosi is installed."""
+    sys.path.append("/usr/lib/python3/dist-packages")
+    try:
+        from mkosi.config import SETTINGS  # type: ignore
+    except Exception:
+        return None
+    finally:
+        sys.path.remove("/usr/lib/python3/dist-packages")
+    return {s.name: s.section for s in SETTINGS}
+
+
+def _check_mkosi_settings(layer: Profile, section: str, settings: dict) -> None:
+    # mkosi silently ignores a setting in the wrong section; refuse it here instead.
+    table = _mkosi_sections()
+    if table is None:
+        return
+    for key in settings:
+        if key not in table:
+            raise ConfigError(f"{layer.path}: mkosi.{section}.{key}: unknown mkosi setting")
+        if table[key] != section:
+            raise ConfigError(f"{layer.path}: mkosi.{section}.{key}: belongs in section [{table[key]}], not [{section}]")
+
+
 def _source_name(layer: Profile) -> str:
     # Relative, so the same inputs hash the same in any checkout (CI's fresh clone too).
     if layer.path == Path():
@@ -225,7 +249,8 @@ def render(
     renderer = TemplateRenderer(context)
 
     (dest / "mkosi.conf").write_text(_ini({
-        "Distribution": {"Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64"},
+        "Distribution": {"Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64",
+                         "PackageManagerTrees": "pkgmngr"},
         "Output": {
             "Format": "disk",
             "ImageId": f"mailcluster-{role}",
@@ -247,7 +272,6 @@ def render(
             "KernelModulesInitrdExclude": ".*",
             "KernelModulesInitrdInclude": INITRD_MODULES,
             "SkeletonTrees": "skeleton",
-            "PackageManagerTrees": "pkgmngr",
             "PostInstallationScripts": "mkosi.postinst.chroot",
         },
         "Host": {"Incremental": "yes"},
@@ -278,6 +302,7 @@ def render(
         if trees:
             sections["Content"]["ExtraTrees"] = trees
         for sec, settings in layer.mkosi.items():
+            _check_mkosi_settings(layer, sec, settings)
             sections.setdefault(sec, {}).update(settings)
         (dest / "mkosi.conf.d" / f"{idx}-{layer.name}.conf").write_text(
             f"# Generated from {_source_name(layer)}: {layer.description}\n"

@@ -203,7 +203,7 @@ class Site(_Model):
         if len({u.address for u in self.users}) != len(self.users):
             problems.append(("users", "duplicate user address"))
         if problems:
-            raise ValueError("; ".join(f"{k}: {v}" for k, v in problems))
+            raise ValueError("\n".join(f"{k}: {v}" for k, v in problems))
         return self
 
 
@@ -242,7 +242,7 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
         for err in e.errors():
             if err["type"] == "value_error" and not err["loc"]:
                 # model-level consistency checks carry their own key paths
-                lines.extend(f"{source}: {p}" for p in err["msg"].removeprefix("Value error, ").split("; "))
+                lines.extend(f"{source}: {p}" for p in err["msg"].removeprefix("Value error, ").splitlines())
             else:
                 lines.append(f"{source}: {_loc(err['loc'])}: {_describe(err)}")
         raise ConfigError("\n".join(lines), hint="see sites/example.yaml for a valid site file") from None

@@ -85,15 +85,23 @@ class Machine:
         self._booted_once = False
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self, boot_timeout: float = 300) -> None:
-        """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent."""
+    def start(self, boot_timeout: float = 300, wait: bool = True) -> None:
+        """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent.
+
+        wait=False returns once QEMU runs, so several guests can boot at once; then
+        call wait_started()."""
         if self.process.running:
             return
         qemu.prepare(self.spec, fresh=not self._booted_once)
         self._booted_once = True
         log(f"{self.name}: starting ({self.spec.image.name})")
         self.process.start()
-        self._connect_agent(boot_timeout)
+        if wait:
+            self.wait_started(boot_timeout)
+
+    def wait_started(self, timeout: float = 300) -> None:
+        if self.spec.agent and self._agent is None:
+            self._connect_agent(timeout)
 
     def shutdown(self, timeout: float = 120) -> None:
         """Clean power-off through ACPI; the disk keeps its state for a later start()."""

@@ -1,0 +1,76 @@
+"""Shared fixtures: the example site, test-layer images (built once per input hash), VMs."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from appliance import paths
+from appliance.imagebuild import Builder
+from appliance.profiles import ProfileSet, resolved_ports
+from appliance.site import load_site
+from appliance.vm import Cluster, Machine
+
+_live: list[Machine] = []
+
+
+@pytest.fixture(scope="session")
+def profiles() -> ProfileSet:
+    return ProfileSet.load()
+
+
+@pytest.fixture(scope="session")
+def site(profiles):
+    return load_site(paths.EXAMPLE_SITE, profiles.roles)
+
+
+@pytest.fixture(scope="session")
+def test_images(profiles, site):
+    """Every role's image with the test layer. xdist workers share one build per input
+    hash through the builder's lock and store; an unchanged tree builds nothing."""
+    builder = Builder(profiles, site, log=lambda m: print(f"[build] {m}", file=sys.stderr, flush=True))
+    return {role: builder.build(role, ("test",)).raw for role in profiles.roles}
+
+
+def role_ports(profiles, role: str) -> list[int]:
+    return sorted(set(resolved_ports(profiles.compose(role)).values()))
+
+
+@pytest.fixture(scope="module")
+def make_cluster(tmp_path_factory, site, profiles, test_images):
+    """Factory for clusters of the example site; every VM and switch is torn down after
+    the module, pass or fail."""
+    clusters: list[Cluster] = []
+
+    def make(site_=None) -> Cluster:
+        c = Cluster(site_ or site, test_images, tmp_path_factory.mktemp("cluster"),
+                    forwards=lambda node: role_ports(profiles, node.role))
+        clusters.append(c)
+        return c
+
+    yield make
+    for c in clusters:
+        for m in c.machines.values():
+            if m in _live:
+                _live.remove(m)
+        c.close()
+
+
+def boot(cluster: Cluster, *names: str) -> list[Machine]:
+    """Start the named nodes together (their boots overlap) and wait for each agent."""
+    machines = [cluster.machine(cluster.site.node(n)) for n in names]
+    _live.extend(machines)
+    for m in machines:
+        m.start(wait=False)
+    for m in machines:
+        m.wait_started()
+    return machines
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for m in list(_live):
+            report.sections.append((f"serial console of {m.name} (last lines)", m.serial_tail(60)))

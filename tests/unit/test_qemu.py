@@ -1,0 +1,42 @@
+"""Every QEMU command line the launcher builds keeps guests off the outside world."""
+import re
+from pathlib import Path
+
+from appliance import qemu
+from appliance.vm import node_credentials
+from appliance.site import load_site
+from appliance import paths
+
+
+def specs(tmp_path):
+    base = dict(image=Path("/img.raw"), state_dir=tmp_path)
+    yield qemu.VMSpec(name="a", **base)
+    yield qemu.VMSpec(name="b", forwards={25: 2525, 22: 2222, 993: 9993}, agent=True, **base)
+    yield qemu.VMSpec(name="c", cluster_switch=tmp_path / "sw", interactive=True, **base)
+    yield qemu.VMSpec(name="d", block_device=Path("/dev/loop7"), credentials={"x": b"y"}, **base)
+
+
+def test_user_networking_is_always_restricted_and_forwards_bind_loopback(tmp_path):
+    for spec in specs(tmp_path):
+        cmd = qemu.qemu_command(spec)
+        netdevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-netdev"]
+        users = [n for n in netdevs if n.startswith("user,")]
+        assert len(users) == 1
+        for n in users:
+            assert ",restrict=on" in n
+            for fwd in re.findall(r"hostfwd=([^,]+)", n):
+                assert fwd.startswith("tcp:127.0.0.1:"), fwd
+        # anything else is the private switch, never a tap/bridge/socket to the host network
+        assert all(n.startswith(("user,", "vde,")) for n in netdevs)
+        assert "-nic" not in cmd and "-net" not in cmd
+        assert cmd[cmd.index("-accel") + 1].startswith("tcg")
+
+
+def test_credentials_are_passed_as_smbios_type_11(tmp_path):
+    site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
+    creds = node_credentials(site, site.node("filter2"), "52:54:00:00:00:02")
+    spec = qemu.VMSpec(name="f", image=Path("/i"), state_dir=tmp_path, credentials=creds)
+    smbios = [a for a in qemu.qemu_command(spec) if a.startswith("type=11,")]
+    assert any("io.systemd.credential.binary:system.hostname=" in s for s in smbios)
+    assert b"Address=10.77.0.22/24" in creds["network.network.10-cluster"]
+    assert b"MACAddress=52:54:00:00:00:02" in creds["network.network.10-cluster"]

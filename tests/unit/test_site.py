@@ -1,0 +1,100 @@
+"""Site files are validated up front; every error names the file, the key and what was expected."""
+import pytest
+import yaml
+
+from appliance import paths
+from appliance.errors import ConfigError
+from appliance.site import load_site
+
+ROLES = ["filter", "frontend", "mailstore"]
+
+
+def write_site(tmp_path, mutate):
+    data = yaml.safe_load(paths.EXAMPLE_SITE.read_text())
+    mutate(data)
+    p = tmp_path / "site.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def error_of(tmp_path, mutate) -> str:
+    p = write_site(tmp_path, mutate)
+    with pytest.raises(ConfigError) as exc:
+        load_site(p, ROLES)
+    assert str(p) in exc.value.message
+    return exc.value.message
+
+
+def test_example_site_is_valid():
+    site = load_site(paths.EXAMPLE_SITE, ROLES)
+    assert site.roles == ["filter", "frontend", "mailstore"]
+    assert [n.name for n in site.nodes_with_role("filter")] == ["filter1", "filter2"]
+
+
+def test_wrong_type_names_the_key_path(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["nodes"][1].update(address="not-an-ip"))
+    assert "nodes[1].address" in msg and "IPv4" in msg
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["filter"].update(engien="rspamd"))
+    assert "filter.engien: unknown key" in msg
+
+
+def test_missing_required_key(tmp_path):
+    msg = error_of(tmp_path, lambda d: d.pop("domain"))
+    assert "domain: required key is missing" in msg
+
+
+def test_unknown_role(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["nodes"][0].update(role="webmail"))
+    assert "nodes[0].role: unknown role 'webmail'" in msg
+    assert "frontend" in msg  # says what was expected
+
+
+def test_duplicate_node_names(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["nodes"][2].update(name="filter1"))
+    assert "nodes[2].name: duplicate node name 'filter1'" in msg
+
+
+def test_address_outside_cluster_network(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["nodes"][0].update(address="192.0.2.1"))
+    assert "nodes[0].address" in msg and "outside network.cluster" in msg
+
+
+def test_backup_pair_must_name_mailstores(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["backups"][0].update(backup="filter1"))
+    assert "backups[0].backup: 'filter1' has role 'filter'; expected a mailstore" in msg
+
+
+def test_plaintext_password_refused(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["users"][0].update(password_hash="hunter2"))
+    assert "users[0].password_hash" in msg and "strong hash" in msg
+
+
+def test_short_queue_lifetime_refused(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["filter"].update(queue_lifetime="1d"))
+    assert "filter.queue_lifetime" in msg and "at least 5d" in msg
+
+
+def test_user_outside_site_domains(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["users"][0].update(address="eve@elsewhere.test"))
+    assert "users[0].address" in msg
+
+
+def test_not_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("nodes: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_site(p, ROLES)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="site file not found"):
+        load_site(tmp_path / "nope.yaml", ROLES)
+
+
+def test_site_round_trips_through_json():
+    site = load_site(paths.EXAMPLE_SITE, ROLES)
+    again = type(site).model_validate_json(site.model_dump_json())
+    assert again == site

@@ -1,0 +1,32 @@
+"""A broken daemon template fails the build with the daemon's own message, and leaves
+nothing half-built behind."""
+import shutil
+
+import pytest
+
+from appliance import paths
+from appliance.errors import BuildError
+from appliance.imagebuild import Builder
+from appliance.profiles import ProfileSet
+
+pytestmark = pytest.mark.build
+
+
+def test_broken_postfix_template_fails_with_postfix_message(tmp_path, site):
+    shutil.copytree(paths.PROFILES, tmp_path / "profiles")
+    shutil.copytree(paths.OVERLAYS, tmp_path / "overlays")
+    tpl = tmp_path / "overlays/30-postfix/etc/postfix/main.cf.j2"
+    tpl.write_text(tpl.read_text() + "default_process_limit = {{ site.name }}-processes\n")
+    ps = ProfileSet.load(tmp_path / "profiles", tmp_path / "overlays")
+    builder = Builder(ps, site, log=print, build_root=tmp_path / "build", images_root=tmp_path / "images")
+    before = set(paths.STORE.iterdir()) if paths.STORE.exists() else set()
+
+    with pytest.raises(BuildError) as exc:
+        builder.build("filter")
+
+    msg = str(exc.value)
+    assert "postfix check" in msg
+    assert "bad numerical configuration: default_process_limit = example-processes" in msg
+    assert "full mkosi log:" in msg
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").rglob("*.raw"))
+    assert set(paths.STORE.iterdir()) == before  # no partial image in the store

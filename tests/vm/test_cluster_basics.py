@@ -1,0 +1,74 @@
+"""Each role image boots cleanly, serves its ports, and the harness itself behaves:
+private network, block/unblock, failing units reported at once, crash then start."""
+import pytest
+
+from appliance.profiles import resolved_ports
+from appliance.qemu import wait_for_banner
+from tests.conftest import boot
+
+pytestmark = pytest.mark.vm
+
+NODES = {"frontend": "fe1", "filter": "filter1", "mailstore": "store1"}
+GREETING = {25: b"220 ", 143: b"* OK", 22: b"SSH-2.0-"}
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster):
+    c = make_cluster()
+    boot(c, *NODES.values())
+    return c
+
+
+@pytest.mark.parametrize("role", sorted(NODES))
+def test_role_boots_clean_with_services_listening(cluster, profiles, site, role):
+    m = cluster[NODES[role]]
+    m.wait_for_boot()  # raises with the failed units' journals if anything failed
+    assert m.succeed("hostname").strip() == NODES[role]  # identity from the credential
+    for unit in profiles.get(role).services.enable:
+        m.wait_for_unit(unit)
+    for name, port in resolved_ports(profiles.compose(role)).items():
+        m.wait_for_open_port(port)
+        if port in GREETING:
+            wait_for_banner(m.forward(port), GREETING[port], timeout=60)
+
+
+def test_guests_reach_each_other_on_the_private_network(cluster, site):
+    fe, flt = cluster["fe1"], cluster["filter1"]
+    assert f"{site.node('fe1').address}/24" in fe.succeed("ip -4 -o addr show")
+    fe.wait_until_succeeds(f"ping -c1 -W2 {site.node('filter1').address}", timeout=60)
+    banner = fe.succeed(f"exec 3<>/dev/tcp/{site.node('filter1').address}/25; head -c4 <&3")
+    assert banner == "220 "
+
+
+def test_block_cuts_the_cluster_link_but_not_the_control_channel(cluster, site):
+    fe, flt = cluster["fe1"], cluster["filter1"]
+    target = site.node("filter1").address
+    fe.wait_until_succeeds(f"ping -c1 -W2 {target}", timeout=60)
+    flt.block()
+    try:
+        fe.fail(f"ping -c2 -W2 {target}")
+        assert flt.succeed("echo still-here").strip() == "still-here"
+    finally:
+        flt.unblock()
+    fe.wait_until_succeeds(f"ping -c1 -W2 {target}", timeout=60)
+
+
+def test_wait_for_unit_fails_at_once_with_the_journal(cluster):
+    m = cluster["filter1"]
+    m.execute("systemd-run --unit=doomed --service-type=oneshot sh -c 'echo doomed-by-design; exit 3'")
+    with pytest.raises(AssertionError) as exc:
+        m.wait_for_unit("doomed.service", timeout=900)
+    assert "unit doomed.service failed" in str(exc.value)
+    assert "doomed-by-design" in str(exc.value)  # the unit's journal is attached
+
+
+def test_crash_then_start_boots_the_same_disk(cluster):
+    m = cluster["filter1"]
+    m.succeed("echo survived > /var/lib/harness-token && sync")
+    boot_id = m.succeed("cat /proc/sys/kernel/random/boot_id")
+    m.crash()
+    assert not m.process.running
+    m.start()
+    m.wait_for_boot()
+    assert m.succeed("cat /var/lib/harness-token").strip() == "survived"
+    assert m.succeed("cat /proc/sys/kernel/random/boot_id") != boot_id
