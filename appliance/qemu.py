@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ApplianceError
+from .wait import retry
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -210,17 +211,21 @@ class QemuProcess:
 
 def wait_for_banner(port: int, prefix: bytes, timeout: float, host: str = "127.0.0.1") -> bytes:
     """A forwarded port accepts before the guest listens: wait for the protocol's greeting."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    seen: dict[str, object] = {}
+
+    def greeted(last: bool) -> bool:
         try:
             with socket.create_connection((host, port), timeout=5) as s:
                 s.settimeout(10)
-                data = s.recv(512)
-                if data.startswith(prefix):
-                    return data
-                last = ApplianceError(f"unexpected greeting {data[:60]!r}")
+                seen["data"] = s.recv(512)
         except OSError as e:
-            last = e
-        time.sleep(1)
-    raise TimeoutError(f"no {prefix!r} greeting on 127.0.0.1:{port} within {timeout:.0f} s ({last})")
+            seen["error"] = e
+            return False
+        return seen["data"].startswith(prefix)
+
+    try:
+        retry(greeted, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no {prefix!r} greeting on {host}:{port} within {timeout:.0f} s "
+                           f"(last: {seen.get('data', seen.get('error'))!r})") from None
+    return seen["data"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ipaddress
 import itertools
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 
 from . import qemu
 from .site import Node, Site
+from .wait import retry
 
 
 class MachineError(Exception):
@@ -41,18 +41,6 @@ def subtest(name: str) -> Iterator[None]:
     except BaseException as e:
         e.add_note(f"(in subtest: {name})")
         raise
-
-
-def retry(fn: Callable[[bool], bool], timeout: float, interval: float = 1.0) -> None:
-    """Call fn(last_try) until it returns True; the last try may gather diagnostics."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = time.monotonic() + interval >= deadline
-        if fn(last):
-            return
-        if last:
-            raise TimeoutError(f"condition not met within {timeout:.0f} s")
-        time.sleep(interval)
 
 
 def node_credentials(site: Site, node: Node, mac: str | None) -> dict[str, bytes]:
@@ -135,11 +123,15 @@ class Machine:
     # ---- control channel -------------------------------------------------------------
     def _connect_agent(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.spec.agent_socket.exists():
+
+        def socket_ready(last: bool) -> bool:
             self._check_alive()
-            if time.monotonic() > deadline:
-                raise MachineError(f"{self.name}: QEMU never created {self.spec.agent_socket}")
-            time.sleep(0.1)
+            return self.spec.agent_socket.exists()
+
+        try:
+            retry(socket_ready, timeout=30, interval=0.1)
+        except TimeoutError:
+            raise MachineError(f"{self.name}: QEMU never created {self.spec.agent_socket}" + self.diagnostics()) from None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(self.spec.agent_socket))
         self._agent, self._agent_buf = s, b""
