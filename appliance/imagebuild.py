@@ -199,6 +199,8 @@ class Builder:
         for src, dst in targets.items():
             tmp = dst.with_name(f".{dst.name}.tmp")
             tmp.unlink(missing_ok=True)
+            if dst.exists() and dst.samefile(src):
+                continue  # rename() between two links to one inode would do nothing
             try:
                 os.link(src, tmp)
             except OSError:  # a different filesystem: copy, sparsely

@@ -32,3 +32,15 @@ def test_broken_postfix_template_fails_with_postfix_message(tmp_path, site):
     # nothing of this build in the store, complete or partial
     assert not (paths.STORE / digest).exists()
     assert not list(paths.STORE.glob(f".tmp-{digest}-*"))
+
+
+def test_unchanged_inputs_build_nothing(profiles, site, test_images):
+    """A second build of the same inputs reuses the store entry and leaves no debris."""
+    builder = Builder(profiles, site, log=print)
+    again = builder.build("frontend", ("test",))
+    assert not again.built
+    assert again.raw.samefile(test_images["frontend"])
+    assert again.info["input_hash"] == again.input_hash
+    assert not [p for p in again.raw.parent.iterdir() if p.name.startswith(".")]
+    sums = (again.raw.parent / "SHA256SUMS").read_text()
+    assert f"{again.info['image']['sha256']}  frontend-test.raw" in sums
