@@ -189,8 +189,14 @@ def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> 
     echo("  serial console below; Ctrl-A X quits QEMU, Ctrl-C powers the guest off")
     proc = qemu.QemuProcess(spec)
     proc.start()
-    signal.signal(signal.SIGINT, lambda *_: proc.qmp("system_powerdown"))
+
+    def power_off(*_):
+        echo("\npowering the guest off (ACPI); Ctrl-A X kills QEMU at once")
+        proc.qmp("system_powerdown")
+
+    signal.signal(signal.SIGINT, power_off)
     proc.wait_exit(timeout=None)
+    echo(f"{target.name} is off; its disk is kept in {spec.state_dir} (--fresh discards it)")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,10 @@ def qemu_command(spec: VMSpec) -> list[str]:
             "-device", f"virtio-net-pci,netdev=cluster,mac={spec.cluster_mac or mac_for(spec.name, 1)}",
         ]
     if spec.interactive:
-        cmd += ["-serial", "mon:stdio"]
+        # signal=on keeps Ctrl-C a signal for the terminal's foreground group; QEMU runs in
+        # its own session, so it is build.py that gets it and powers the guest off cleanly.
+        cmd += ["-chardev", "stdio,id=console,mux=on,signal=on", "-serial", "chardev:console",
+                "-mon", "chardev=console,mode=readline"]
     else:
         cmd += ["-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0"]
     if spec.agent:
@@ -157,7 +160,7 @@ class QemuProcess:
         (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         stdio = None if self.spec.interactive else subprocess.DEVNULL
         err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
-        self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=not self.spec.interactive)
+        self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=True)
         self.started_at = time.monotonic()
 
     @property
