@@ -163,7 +163,7 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
 @click.pass_obj
 def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> None:
     """Boot ROLE's image in QEMU with its serial console on this terminal."""
-    from .vm import node_credentials
+    from .credentials import Secrets, node_credentials
 
     site = obj.site
     nodes = site.nodes_with_role(role)
@@ -179,7 +179,7 @@ def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> 
     spec = qemu.VMSpec(
         name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
         memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},
-        credentials=node_credentials(site, target, None), interactive=True,
+        credentials=node_credentials(site, target, None, Secrets(paths.SECRETS / site.name)), interactive=True,
     )
     existing = spec.disk.exists() and not fresh
     qemu.prepare(spec, fresh=not existing)

@@ -96,6 +96,11 @@ class Builder:
 
     def build(self, role: str, extra: tuple[str, ...] = (), refresh: bool = False) -> Artifact:
         variant = variant_name(role, extra)
+        # Rendering rewrites the build directory that mkosi reads: one process per variant.
+        with locked(f"variant-{self.site.name}-{variant}"):
+            return self._build_locked(role, variant, extra, refresh)
+
+    def _build_locked(self, role: str, variant: str, extra: tuple[str, ...], refresh: bool) -> Artifact:
         builddir, digest = self.render(role, extra)
         store = paths.STORE / digest
         if not refresh and (store / "complete").exists():

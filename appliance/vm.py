@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import qemu
+from .credentials import Secrets, node_credentials
 from .site import Node, Site
 from .wait import retry
 
@@ -41,24 +42,6 @@ def subtest(name: str) -> Iterator[None]:
     except BaseException as e:
         e.add_note(f"(in subtest: {name})")
         raise
-
-
-def node_credentials(site: Site, node: Node, mac: str | None) -> dict[str, bytes]:
-    """The identity a node receives at boot as systemd credentials."""
-    net = site.network.cluster
-    match = f"MACAddress={mac}" if mac else "Name=en*"
-    network = (
-        "[Match]\n" f"{match}\n\n"
-        "[Network]\n" f"Address={node.address}/{net.prefixlen}\n"
-        "LinkLocalAddressing=no\nIPv6AcceptRA=no\n"
-    )
-    if site.network.gateway:
-        network += f"Gateway={site.network.gateway}\n"
-    return {
-        "system.hostname": node.name.encode(),
-        # systemd-network-generator turns this into /run/systemd/network/10-cluster.network.
-        "network.network.10-cluster": network.encode(),
-    }
 
 
 class Machine:
@@ -303,11 +286,20 @@ class Switch:
         if shutil.which("vde_switch") is None:
             raise MachineError("vde_switch not found; run ./build.py setup")
         shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        logpath = self.directory.with_name(self.directory.name + ".log")
         # stdin stays an open pipe: vde_switch treats end-of-file on its console as "quit".
-        self.proc = subprocess.Popen(["vde_switch", "--sock", str(self.directory)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        retry(lambda last: (self.directory / "ctl").exists(), timeout=10, interval=0.1)
+        with open(logpath, "w") as log:
+            self.proc = subprocess.Popen(["vde_switch", "--sock", str(self.directory)],
+                                         stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True)
+        try:
+            retry(lambda last: (self.directory / "ctl").exists() or self.proc.poll() is not None,
+                  timeout=10, interval=0.1)
+        except TimeoutError:
+            pass
+        if not (self.directory / "ctl").exists():
+            self.stop()
+            raise MachineError(f"vde_switch did not start: {logpath.read_text().strip() or 'no output'}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -320,8 +312,10 @@ class Cluster:
     """Nodes of a site on one private switch, by node name."""
 
     def __init__(self, site: Site, images: dict[str, Path], workdir: Path,
-                 forwards: Callable[[Node], list[int]], agent: bool = True, memory_mb: int = 1024):
+                 forwards: Callable[[Node], list[int]], secrets: Secrets, agent: bool = True,
+                 memory_mb: int = 1024):
         self.site = site
+        self.secrets = secrets
         self.images = images
         self.workdir = workdir
         self.forwards = forwards
@@ -337,7 +331,7 @@ class Cluster:
         if self.switch.proc is None:
             self.switch.start()
         mac = node.mac or qemu.mac_for(node.name, 1)
-        creds = node_credentials(self.site, node, mac)
+        creds = node_credentials(self.site, node, mac, self.secrets)
         creds.update(credentials or {})
         spec = qemu.VMSpec(
             name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,

@@ -9,6 +9,7 @@ from appliance import paths
 from appliance.imagebuild import Builder
 from appliance.profiles import ProfileSet, resolved_ports
 from appliance.site import load_site
+from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
 
 _live: list[Machine] = []
@@ -36,15 +37,21 @@ def role_ports(profiles, role: str) -> list[int]:
     return sorted(set(resolved_ports(profiles.compose(role)).values()))
 
 
+@pytest.fixture(scope="session")
+def secrets(tmp_path_factory) -> Secrets:
+    """This run's secrets (generated, like an operator's first use of the site)."""
+    return Secrets(tmp_path_factory.mktemp("secrets") / "example")
+
+
 @pytest.fixture(scope="module")
-def make_cluster(tmp_path_factory, site, profiles, test_images):
+def make_cluster(tmp_path_factory, site, profiles, test_images, secrets):
     """Factory for clusters of the example site; every VM and switch is torn down after
     the module, pass or fail."""
     clusters: list[Cluster] = []
 
     def make(site_=None) -> Cluster:
         c = Cluster(site_ or site, test_images, tmp_path_factory.mktemp("cluster"),
-                    forwards=lambda node: role_ports(profiles, node.role))
+                    forwards=lambda node: role_ports(profiles, node.role), secrets=secrets)
         clusters.append(c)
         return c
 

@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from appliance import qemu
-from appliance.vm import node_credentials
+from appliance.credentials import Secrets, node_credentials
 from appliance.site import load_site
 from appliance import paths
 
@@ -34,9 +34,27 @@ def test_user_networking_is_always_restricted_and_forwards_bind_loopback(tmp_pat
 
 def test_credentials_are_passed_as_smbios_type_11(tmp_path):
     site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
-    creds = node_credentials(site, site.node("filter2"), "52:54:00:00:00:02")
+    creds = node_credentials(site, site.node("filter2"), "52:54:00:00:00:02", Secrets(tmp_path / "secrets"))
     spec = qemu.VMSpec(name="f", image=Path("/i"), state_dir=tmp_path, credentials=creds)
     smbios = [a for a in qemu.qemu_command(spec) if a.startswith("type=11,")]
     assert any("io.systemd.credential.binary:system.hostname=" in s for s in smbios)
     assert b"Address=10.77.0.22/24" in creds["network.network.10-cluster"]
     assert b"MACAddress=52:54:00:00:00:02" in creds["network.network.10-cluster"]
+
+
+def test_secrets_are_generated_once_private_and_hashed(tmp_path):
+    from appliance.credentials import mail_users
+    site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
+    s = Secrets(tmp_path / "secrets")
+    creds = node_credentials(site, site.node("store1"), None, s)
+    again = node_credentials(site, site.node("store1"), None, Secrets(tmp_path / "secrets"))
+    assert creds == again  # stable across invocations
+    assert (tmp_path / "secrets").stat().st_mode & 0o777 == 0o700
+    pw_file = tmp_path / "secrets/users/alice@example.test.password"
+    assert pw_file.stat().st_mode & 0o777 == 0o600
+    users = creds["mailcluster.mail-users"].decode()
+    assert pw_file.read_text() not in users  # hashes only
+    assert "alice@example.test:{SHA512-CRYPT}$6$rounds=" in users
+    assert "userdb_quota_storage_size=512M" in users  # carol's quota from the site
+    assert len(creds["mailcluster.mailstore-key"]) == 64
+    assert "mailcluster.mailstore-key" not in node_credentials(site, site.node("fe1"), None, s)
