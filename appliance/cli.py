@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
