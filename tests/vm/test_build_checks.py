@@ -9,7 +9,7 @@ from appliance.errors import BuildError
 from appliance.imagebuild import Builder
 from appliance.profiles import ProfileSet
 
-pytestmark = pytest.mark.build
+pytestmark = [pytest.mark.build, pytest.mark.xdist_group("vm")]
 
 
 def test_broken_postfix_template_fails_with_postfix_message(tmp_path, site):

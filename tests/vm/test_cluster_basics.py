@@ -6,7 +6,8 @@ from appliance.profiles import resolved_ports
 from appliance.qemu import wait_for_banner
 from tests.conftest import boot
 
-pytestmark = pytest.mark.vm
+# One xdist group: guests of different modules never compete for the 2 cores.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 NODES = {"frontend": "fe1", "filter": "filter1", "mailstore": "store1"}
 GREETING = {25: b"220 ", 143: b"* OK", 22: b"SSH-2.0-"}

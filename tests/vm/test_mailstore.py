@@ -16,7 +16,8 @@ import pytest
 from appliance.vm import Machine, subtest
 from tests.conftest import boot
 
-pytestmark = pytest.mark.vm
+# One xdist group: guests of different modules never compete for the 2 cores.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 KEY = "mailcluster.mailstore-key"
