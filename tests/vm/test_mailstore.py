@@ -7,19 +7,18 @@ import imaplib
 import json
 import subprocess
 import re
-import secrets as pysecrets
-import shlex
 import ssl
 
 import pytest
 
 from appliance.vm import Machine, subtest
 from tests.conftest import boot
+from tests.vm.mail import (USERS, imap_tokens, new_tokens, smtp_send, wait_delivered,
+                           wait_mail_up)
 
 # One xdist group: guests of different modules never compete for the 2 cores.
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
-USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 KEY = "mailcluster.mailstore-key"
 
 
@@ -29,76 +28,6 @@ def cluster(make_cluster):
     boot(c, "filter1", "store1")
     wait_mail_up(c["store1"])
     return c
-
-
-def smtp_send(sender: Machine, server: str, messages: list[tuple[str, str]]) -> list[str]:
-    """Send (recipient, token) messages over one SMTP session from `sender`; returns the
-    tokens the server acknowledged with 250 after DATA."""
-    script = [
-        "exec 3<>/dev/tcp/%s/25" % server,
-        r"""expect() { local line; while IFS= read -r -t 60 -u3 line; do line=${line%$'\r'};
-              [[ $line == "$1-"* ]] && continue; [[ $line == "$1 "* ]] && return 0;
-              echo "server said: $line" >&2; return 1; done; echo "no answer" >&2; return 1; }""",
-        r"""say() { printf '%s\r\n' "$1" >&3; }""",
-        "expect 220", "say 'EHLO filter1.example.test'", "expect 250",
-    ]
-    for rcpt, token in messages:
-        body = (f"From: tester@example.org\r\nTo: {rcpt}\r\nSubject: message {token}\r\n"
-                f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n.")
-        script += [
-            "say 'MAIL FROM:<tester@example.org>'", "expect 250",
-            f"say 'RCPT TO:<{rcpt}>'", "expect 250",
-            "say DATA", "expect 354",
-            f"printf '%s\\r\\n' {shlex.quote(body)} >&3",
-            f"expect 250 && echo ACK {token}",
-        ]
-    script += ["say QUIT"]
-    out = sender.succeed("\n".join(script), timeout=600)
-    return [line.split()[1] for line in out.splitlines() if line.startswith("ACK ")]
-
-
-def imap_tokens(m: Machine, secrets, user: str) -> list[str]:
-    """Every message token in `user`'s INBOX, fetched over IMAP+STARTTLS from the host."""
-    try:
-        return _imap_tokens(m, secrets, user)
-    except (imaplib.IMAP4.error, OSError) as e:
-        e.add_note(m.execute("journalctl -b --no-pager -u dovecot | tail -25")[1])
-        raise
-
-
-def _imap_tokens(m: Machine, secrets, user: str) -> list[str]:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # per-node self-signed
-    with imaplib.IMAP4("127.0.0.1", m.forward(143), timeout=60) as imap:
-        imap.starttls(ctx)
-        imap.login(user, secrets.user_password(user))
-        imap.select("INBOX", readonly=True)
-        _, data = imap.search(None, "ALL")
-        tokens = []
-        for num in data[0].split():
-            _, msg = imap.fetch(num, "(BODY.PEEK[TEXT])")
-            text = msg[0][1].decode()
-            tokens += re.findall(r"\btok[0-9a-f]{24}\b", text)
-        return tokens
-
-
-def new_tokens(n: int) -> list[tuple[str, str]]:
-    return [(USERS[i % len(USERS)], f"tok{pysecrets.token_hex(12)}") for i in range(n)]
-
-
-def wait_mail_up(store: Machine) -> None:
-    for unit in ("mailcluster-mailcrypt.service", "dovecot.service", "postfix.service"):
-        store.wait_for_unit(unit)
-    store.wait_for_open_port(25)
-    store.wait_for_open_port(143)
-
-
-def wait_delivered(store: Machine) -> None:
-    try:
-        store.wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=300)
-    except AssertionError as e:
-        e.add_note("mail queue (with deferral reasons):\n" + store.execute("postqueue -p | tail -20")[1])
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +119,6 @@ def test_mail_survives_a_clean_reboot(cluster, secrets, delivered):
         assert sorted(imap_tokens(store, secrets, user)) == sorted(t for u, t in delivered if u == user)
 
 
-# Known failure, open in issue 4: after a hard power-off, a message that Dovecot had
-# already indexed can read back one byte shorter than its indexed size through eCryptfs
-# ("Cached message size larger than expected (636 > 635)") and the IMAP FETCH aborts.
-# Whether it shows depends on where the crash lands, so the mark is not strict.
-@pytest.mark.xfail(reason="eCryptfs file size not durable across a crash (issue 4)", strict=False)
 def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     store, flt = cluster["store1"], cluster["filter1"]
     burst = new_tokens(30)
@@ -206,7 +130,12 @@ def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     wait_delivered(store)
     everything = [t for user in USERS for t in imap_tokens(store, secrets, user)]
     assert not set(acked) - set(everything), "acknowledged mail was lost in the crash"
-    assert len(everything) == len(set(everything)), "a message was delivered twice"
+    # A crash between Dovecot's (fsynced) LMTP 250 and Postfix removing its queue file
+    # delivers that message again after the reboot: SMTP's at-least-once rule, duplicates
+    # over loss. Only messages of this burst may repeat, and only as whole copies (every
+    # copy was fetched in full above).
+    repeated = {t for t in everything if everything.count(t) > 1}
+    assert repeated <= set(acked), "mail from before the crash was duplicated"
 
 
 def test_without_the_key_mail_services_stay_down_and_lower_is_untouched(cluster):
@@ -224,7 +153,7 @@ def test_without_the_key_mail_services_stay_down_and_lower_is_untouched(cluster)
                 store.spec.credentials.update(creds)
                 store.start()
                 store.execute("systemctl is-system-running --wait", timeout=300)
-                for unit in ("postfix.service", "postfix@-.service", "dovecot.service"):
+                for unit in ("postfix.service", "dovecot.service"):  # trixie runs Postfix as postfix.service
                     assert store.succeed(f"systemctl show -P ActiveState {unit}").strip() == "inactive", unit
                 assert reason in store.succeed("journalctl -b -u mailcluster-mailcrypt --no-pager")
                 assert store.succeed("ss -Htln '( sport = :25 or sport = :143 or sport = :993 )'").strip() == ""
@@ -233,3 +162,18 @@ def test_without_the_key_mail_services_stay_down_and_lower_is_untouched(cluster)
                 store.spec.credentials.pop(KEY, None)
     finally:
         store.spec.credentials[KEY] = key
+
+
+def test_data_partition_takes_the_rest_of_the_disk(cluster, site):
+    """The test disk is larger than the image: the mail partition (and its file system)
+    must have grown into all of it at boot, as on a freshly flashed server."""
+    store = cluster["store1"]
+    part = store.succeed("basename $(readlink -f /dev/disk/by-partlabel/mail-data)").strip()
+    disk = store.succeed(f"basename $(readlink -f /sys/class/block/{part}/..)").strip()
+    start, size, disk_size = (int(store.succeed(f"cat /sys/class/block/{p}").strip())
+                              for p in (f"{part}/start", f"{part}/size", f"{disk}/size"))
+    assert disk_size - (start + size) < 2048 * 8, "unused space left behind the mail partition"
+    built = int(site.image.data_size[:-1]) << {"M": 20, "G": 30, "T": 40}[site.image.data_size[-1]]
+    assert size * 512 > built, "the mail partition did not grow"
+    fs = int(store.succeed("df -B1 --output=size /srv/mail | tail -1").strip())
+    assert fs > 0.95 * size * 512, f"file system {fs} bytes on a {size * 512}-byte partition"

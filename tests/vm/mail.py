@@ -1,0 +1,84 @@
+"""Mail helpers shared by the VM tests: send over SMTP, read back over IMAP, wait for queues."""
+from __future__ import annotations
+
+import imaplib
+import re
+import secrets as pysecrets
+import shlex
+import ssl
+
+from appliance.vm import Machine
+
+USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
+
+
+def smtp_send(sender: Machine, server: str, messages: list[tuple[str, str]]) -> list[str]:
+    """Send (recipient, token) messages over one SMTP session from `sender`; returns the
+    tokens the server acknowledged with 250 after DATA."""
+    script = [
+        "exec 3<>/dev/tcp/%s/25" % server,
+        r"""expect() { local line; while IFS= read -r -t 60 -u3 line; do line=${line%$'\r'};
+              [[ $line == "$1-"* ]] && continue; [[ $line == "$1 "* ]] && return 0;
+              echo "server said: $line" >&2; return 1; done; echo "no answer" >&2; return 1; }""",
+        r"""say() { printf '%s\r\n' "$1" >&3; }""",
+        "expect 220", "say 'EHLO filter1.example.test'", "expect 250",
+    ]
+    for rcpt, token in messages:
+        body = (f"From: tester@example.org\r\nTo: {rcpt}\r\nSubject: message {token}\r\n"
+                f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n.")
+        script += [
+            "say 'MAIL FROM:<tester@example.org>'", "expect 250",
+            f"say 'RCPT TO:<{rcpt}>'", "expect 250",
+            "say DATA", "expect 354",
+            f"printf '%s\\r\\n' {shlex.quote(body)} >&3",
+            f"expect 250 && echo ACK {token}",
+        ]
+    script += ["say QUIT"]
+    out = sender.succeed("\n".join(script), timeout=600)
+    return [line.split()[1] for line in out.splitlines() if line.startswith("ACK ")]
+
+
+def imap_tokens(m: Machine, secrets, user: str) -> list[str]:
+    """Every message token in `user`'s INBOX, fetched over IMAP+STARTTLS from the host."""
+    try:
+        return _imap_tokens(m, secrets, user)
+    except (imaplib.IMAP4.error, OSError) as e:
+        e.add_note(m.execute("journalctl -b --no-pager -u dovecot | tail -25")[1])
+        raise
+
+
+def _imap_tokens(m: Machine, secrets, user: str) -> list[str]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # per-node self-signed
+    with imaplib.IMAP4("127.0.0.1", m.forward(143), timeout=60) as imap:
+        imap.starttls(ctx)
+        imap.login(user, secrets.user_password(user))
+        imap.select("INBOX", readonly=True)
+        _, data = imap.search(None, "ALL")
+        tokens = []
+        for num in data[0].split():
+            _, msg = imap.fetch(num, "(BODY.PEEK[TEXT])")
+            text = msg[0][1].decode()
+            tokens += re.findall(r"\btok[0-9a-f]{24}\b", text)
+        return tokens
+
+
+def new_tokens(n: int) -> list[tuple[str, str]]:
+    return [(USERS[i % len(USERS)], f"tok{pysecrets.token_hex(12)}") for i in range(n)]
+
+
+def wait_mail_up(store: Machine) -> None:
+    for unit in ("mailcluster-mailcrypt.service", "dovecot.service", "postfix.service"):
+        store.wait_for_unit(unit)
+    store.wait_for_open_port(25)
+    store.wait_for_open_port(143)
+
+
+def wait_delivered(store: Machine) -> None:
+    try:
+        store.wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=300)
+    except AssertionError as e:
+        e.add_note("mail queue (with deferral reasons):\n" + store.execute("postqueue -p | tail -20")[1])
+        raise
+
+
