@@ -97,6 +97,16 @@ def build(obj: Context, roles: tuple[str, ...], layers: tuple[str, ...], refresh
         click.echo(f"{art.raw}  ({'built' if art.built else 'cached'}, input {art.input_hash[:12]})")
 
 
+@main.command()
+@click.option("--topology", type=click.Choice(["frontend", "round-robin"]), default=None,
+              help="Default: frontend when the site has one, else round-robin.")
+@click.pass_obj
+def dns(obj: Context, topology: str | None) -> None:
+    """Print the MX, A and SPF records the site's domains need."""
+    from .dns import records
+    click.echo(records(obj.site, topology), nl=False)
+
+
 @main.command("list")
 @click.pass_obj
 def list_(obj: Context) -> None:

@@ -51,6 +51,8 @@ class Profile(_Model):
     services: Services = Services()
     partitions: dict[str, Partition] = {}
     ports: dict[str, int] = Field(default={}, description="service name -> TCP port the role serves")
+    admin_ports: dict[str, int] = Field(
+        default={}, description="service name -> TCP port reachable from the site's admin network only")
     checks: list[str] = Field(default=[], description="commands run inside the image at build time")
     mkosi: dict[str, dict[str, MkosiValue]] = Field(default={}, description="raw mkosi settings by section")
 
@@ -145,6 +147,13 @@ def resolved_ports(layers: list[Profile]) -> dict[str, int]:
     ports: dict[str, int] = {}
     for layer in layers:
         ports.update(layer.ports)
+    return ports
+
+
+def resolved_admin_ports(layers: list[Profile]) -> dict[str, int]:
+    ports: dict[str, int] = {}
+    for layer in layers:
+        ports.update(layer.admin_ports)
     return ports
 
 

@@ -26,6 +26,8 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 AGENT_PORT_NAME = "org.mailcluster.agent"
 USER_NET = "10.0.2.0/24"  # QEMU's slirp default: the management/forwarding NIC
+# Where connections forwarded from the host appear to come from, inside the guest.
+USER_NET_HOST = "10.0.2.2"
 
 
 def free_port() -> int:

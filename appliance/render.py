@@ -22,6 +22,7 @@ from .profiles import Partition, Profile, resolved_partitions
 from .site import Site
 
 DISTRIBUTION = ("debian", "trixie")
+OUTBOUND_PORT = 10025
 
 # The initrd only needs what finds and mounts the root disk; mkosi 24.3 otherwise packs
 # every module (133 MB UKI). crc32c: ext4 metadata checksums fail without it.
@@ -236,14 +237,18 @@ def render(
     sources.parent.mkdir(parents=True)
     sources.write_text(APT_SOURCES)
 
-    ports = {}
+    ports, admin_ports = {}, {}
     for layer in layers:
         ports.update(layer.ports)
+        admin_ports.update(layer.admin_ports)
     context = {
         "site": site,
         "role": role,
         "layers": [l.name for l in layers],
         "ports": ports,
+        "admin_ports": admin_ports,
+        # Filters take the mailstores' outgoing mail here (no PROXY header, mailstores only).
+        "outbound_port": OUTBOUND_PORT,
         "nodes_by_role": {r: site.nodes_with_role(r) for r in {n.role for n in site.nodes} | {role}},
     }
     renderer = TemplateRenderer(context)

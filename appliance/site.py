@@ -62,6 +62,8 @@ class Node(_Model):
     mac: Annotated[
         str, StringConstraints(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
     ] | None = Field(default=None, description="MAC of the cluster NIC (bare metal)")
+    public_address: ipaddress.IPv4Address | None = Field(
+        default=None, description="address the Internet reaches this node at (frontends, MX filters); for DNS records")
 
 
 class User(_Model):
@@ -70,6 +72,8 @@ class User(_Model):
     # A crypt(3)-style hash ({ARGON2ID}/{SHA512-CRYPT}); never a plaintext password.
     # Missing: the builder generates a password into the site's secrets directory.
     password_hash: str | None = None
+    mailstore: Hostname | None = Field(
+        default=None, description="the mailstore holding this mailbox; default: the first mailstore that is not a backup")
 
     @field_validator("password_hash")
     @classmethod
@@ -115,8 +119,17 @@ class RateLimit(_Model):
 
 
 class Frontend(_Model):
-    ports: list[Literal[25, 465, 587]] = [25]
+    # 465/587 (submission) terminate on the mailstores, which do not serve them yet.
+    ports: list[int] = Field(default=[25], description="ports the frontend balances; 25 only for now")
     rate_limit: RateLimit = RateLimit()
+
+    @field_validator("ports")
+    @classmethod
+    def _smtp_only(cls, value: list[int]) -> list[int]:
+        if value != [25]:
+            raise ValueError(f"expected [25], got {value}: submission (465/587) through the "
+                             "frontend is not supported yet")
+        return value
 
 
 class Tls(_Model):
@@ -168,6 +181,21 @@ class Site(_Model):
         )
 
     @property
+    def active_mailstores(self) -> list[Node]:
+        """Mailstores that hold mailboxes: every mailstore that is not some pair's backup."""
+        backups = {p.backup for p in self.backups}
+        return [n for n in self.nodes_with_role("mailstore") if n.name not in backups]
+
+    def mailstore_of(self, user: User) -> str:
+        if user.mailstore:
+            return user.mailstore
+        active = self.active_mailstores
+        if not active:
+            raise ConfigError(f"site {self.name!r} has users but no mailstore to hold their mail",
+                              hint="add a node with role: mailstore")
+        return active[0].name
+
+    @property
     def roles(self) -> list[str]:
         return sorted({n.role for n in self.nodes})
 
@@ -200,6 +228,12 @@ class Site(_Model):
             domain = u.address.split("@", 1)[1]
             if domain not in self.mail_domains:
                 problems.append((f"users[{i}].address", f"domain {domain!r} is not one of the site's domains {self.mail_domains}"))
+            if u.mailstore is not None:
+                node = by_name.get(u.mailstore)
+                if node is None or node.role != "mailstore":
+                    problems.append((f"users[{i}].mailstore", f"{u.mailstore!r} is not a mailstore of this site"))
+                elif u.mailstore in {p.backup for p in self.backups}:
+                    problems.append((f"users[{i}].mailstore", f"{u.mailstore!r} is a backup mailstore; mailboxes live on primaries"))
         if len({u.address for u in self.users}) != len(self.users):
             problems.append(("users", "duplicate user address"))
         if problems:

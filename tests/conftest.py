@@ -7,7 +7,7 @@ import pytest
 
 from appliance import paths
 from appliance.imagebuild import Builder
-from appliance.profiles import ProfileSet, resolved_ports
+from appliance.profiles import ProfileSet, resolved_admin_ports, resolved_ports
 from appliance.site import load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
@@ -34,7 +34,10 @@ def test_images(profiles, site):
 
 
 def role_ports(profiles, role: str) -> list[int]:
-    return sorted(set(resolved_ports(profiles.compose(role)).values()))
+    """Every port a role serves, admin-only ones included: tests check those are closed
+    to the host, whose forwarded connections come from outside the admin network."""
+    layers = profiles.compose(role)
+    return sorted({*resolved_ports(layers).values(), *resolved_admin_ports(layers).values()})
 
 
 @pytest.fixture(scope="session")

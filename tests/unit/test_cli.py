@@ -15,7 +15,7 @@ def cli(*args, **kw):
 
 def test_help_lists_every_command():
     out = cli("--help").stdout
-    for cmd in ("setup", "build", "list", "show", "run"):
+    for cmd in ("setup", "build", "dns", "list", "show", "run"):
         assert any(line.strip().startswith(cmd + " ") for line in out.splitlines()), cmd
 
 
@@ -52,3 +52,11 @@ def test_run_without_image_says_what_to_do(tmp_path):
     r = cli("--site", str(site), "run", "filter")
     assert r.returncode == 1
     assert "no image built for role filter" in r.stderr and "./build.py build filter" in r.stderr
+
+
+def test_dns_prints_the_zone_records():
+    r = cli("dns")
+    assert r.returncode == 0, r.stderr
+    assert "IN MX\t10 fe1.example.test." in r.stdout
+    r = cli("dns", "--topology", "round-robin")
+    assert r.returncode == 2 and "hint:" in r.stderr

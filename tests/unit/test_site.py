@@ -98,3 +98,23 @@ def test_site_round_trips_through_json():
     site = load_site(paths.EXAMPLE_SITE, ROLES)
     again = type(site).model_validate_json(site.model_dump_json())
     assert again == site
+
+
+def test_user_on_a_backup_mailstore_refused(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["users"][0].update(mailstore="store2"))
+    assert "users[0].mailstore" in msg and "backup" in msg
+
+
+def test_user_on_a_non_mailstore_refused(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["users"][0].update(mailstore="filter1"))
+    assert "users[0].mailstore" in msg and "not a mailstore" in msg
+
+
+def test_mailboxes_default_to_the_first_primary_mailstore():
+    site = load_site(paths.EXAMPLE_SITE, ROLES)
+    assert {site.mailstore_of(u) for u in site.users} == {"store1"}  # store2 is store1's backup
+
+
+def test_submission_ports_on_the_frontend_refused_for_now(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["frontend"].update(ports=[25, 587]))
+    assert "frontend.ports" in msg and "not supported yet" in msg

@@ -29,16 +29,18 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
         m.wait_for_unit(unit)
     for name, port in resolved_ports(profiles.compose(role)).items():
         m.wait_for_open_port(port)
-        if port in GREETING:
+        # Behind the frontend, a filter's port 25 first wants HAProxy's PROXY header
+        # (tests/vm/test_inbound.py goes through the frontend).
+        if port in GREETING and not (role == "filter" and port == 25):
             wait_for_banner(m.forward(port), GREETING[port], timeout=60)
 
 
 def test_guests_reach_each_other_on_the_private_network(cluster, site):
-    fe, flt = cluster["fe1"], cluster["filter1"]
+    fe = cluster["fe1"]
     assert f"{site.node('fe1').address}/24" in fe.succeed("ip -4 -o addr show")
     fe.wait_until_succeeds(f"ping -c1 -W2 {site.node('filter1').address}", timeout=60)
-    banner = fe.succeed(f"exec 3<>/dev/tcp/{site.node('filter1').address}/25; head -c4 <&3")
-    assert banner == "220 "
+    banner = fe.succeed(f"exec 3<>/dev/tcp/{site.node('filter1').address}/22; head -c8 <&3")
+    assert banner == "SSH-2.0-"
 
 
 def test_block_cuts_the_cluster_link_but_not_the_control_channel(cluster, site):

@@ -1,0 +1,83 @@
+"""The inbound path's rendered configuration: the traps behind a PROXY-protocol balancer."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance import dns, paths
+from appliance.errors import ConfigError
+from appliance.profiles import ProfileSet
+from appliance.render import render
+from appliance.site import load_site, parse_site
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return ProfileSet.load()
+
+
+def site_with(mutate=lambda d: None):
+    data = yaml.safe_load(paths.EXAMPLE_SITE.read_text())
+    mutate(data)
+    return parse_site(data, "site.yaml", ["filter", "frontend", "mailstore"])
+
+
+def rendered(profiles, site, role, tmp_path, path) -> str:
+    out = render(site, role, profiles.compose(role), profiles.overlay_dir, tmp_path / role,
+                 Path("/nonexistent/cache"), Path("/nonexistent/pkgs"))
+    return next(out.glob(f"trees/*/*/{path}")).read_text()
+
+
+def postconf(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+) = (.*)$", text, re.M))
+
+
+def test_filter_trusts_only_itself_never_the_frontend(profiles, tmp_path):
+    site = site_with()
+    main = postconf(rendered(profiles, site, "filter", tmp_path, "etc/postfix/main.cf"))
+    assert main["mynetworks"] == "127.0.0.0/8"
+    assert main["postscreen_upstream_proxy_protocol"] == "haproxy"
+    assert "smtpd_upstream_proxy_protocol" not in main  # ignored behind postscreen
+    assert main["relay_recipient_maps"].startswith("texthash:")
+    assert main["milter_default_action"] == "tempfail"  # rspamd down: retry, never pass unscanned
+    assert main["maximal_queue_lifetime"] == main["bounce_queue_lifetime"] == "5d"
+
+
+def test_without_a_frontend_the_filters_take_plain_smtp(profiles, tmp_path):
+    site = site_with(lambda d: d.update(nodes=[n for n in d["nodes"] if n["role"] != "frontend"]))
+    main = postconf(rendered(profiles, site, "filter", tmp_path, "etc/postfix/main.cf"))
+    assert "postscreen_upstream_proxy_protocol" not in main
+
+
+def test_filters_route_each_user_to_their_mailstore_and_know_every_user(profiles, tmp_path):
+    site = site_with(lambda d: (d["nodes"].append({"name": "store3", "role": "mailstore", "address": "10.77.0.33"}),
+                                d["users"][1].update(mailstore="store3")))
+    transport = rendered(profiles, site, "filter", tmp_path, "etc/postfix/transport")
+    assert "alice@example.test relay:[10.77.0.31]:25" in transport
+    assert "bob@example.test relay:[10.77.0.33]:25" in transport
+    recipients = rendered(profiles, site, "filter", tmp_path, "etc/postfix/relay_recipients")
+    assert sorted(re.findall(r"^(\S+) OK$", recipients, re.M)) == sorted(u.address for u in site.users)
+
+
+def test_frontend_limits_and_backends_come_from_the_site(profiles, tmp_path):
+    site = site_with(lambda d: d["frontend"].update(rate_limit={"connections": 7, "period": "30s"}))
+    cfg = rendered(profiles, site, "frontend", tmp_path, "etc/haproxy/haproxy.cfg")
+    assert "store conn_rate(30s)" in cfg and "sc0_conn_rate gt 7" in cfg
+    servers = re.findall(r"^\s*server (\S+) (\S+)$", cfg, re.M)
+    assert servers == [("filter1", "10.77.0.21:25"), ("filter2", "10.77.0.22:25")]
+    assert "default-server send-proxy-v2 check" in cfg
+    assert "src 10.77.0.0/24" in cfg  # stats: admin network only
+
+
+def test_dns_records_for_both_topologies():
+    site = site_with(lambda d: d["nodes"][0].update(public_address="192.0.2.10"))
+    zone = dns.records(site)
+    assert re.search(r"^example\.test\.\s+IN MX\s+10 fe1\.example\.test\.$", zone, re.M)
+    assert re.search(r"^fe1\.example\.test\.\s+IN A\s+192\.0\.2\.10$", zone, re.M)
+    rr = site_with(lambda d: d.update(nodes=[n for n in d["nodes"] if n["role"] != "frontend"]))
+    zone = dns.records(rr)
+    assert re.search(r"^example\.test\.\s+IN MX\s+10 mx\.example\.test\.$", zone, re.M)
+    assert re.findall(r"^mx\.example\.test\.\s+IN A\s+(\S+)", zone, re.M) == ["10.77.0.21", "10.77.0.22"]
+    with pytest.raises(ConfigError, match="only accept connections through"):
+        dns.records(site, "round-robin")

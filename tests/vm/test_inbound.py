@@ -1,0 +1,307 @@
+"""The inbound path: Internet -> frontend (HAProxy) -> filters (postscreen + rspamd) ->
+mailstore. The filters see the client's real address, spam is refused at SMTP time,
+a dead filter costs nothing, and mail waits on the filters while the mailstore is down."""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import email.utils
+import io
+import re
+import smtplib
+import socket
+import ssl
+
+import pytest
+
+from appliance.qemu import USER_NET_HOST
+from appliance.vm import Machine, subtest
+from appliance.wait import retry
+from tests.conftest import boot
+from tests.vm.mail import USERS, imap_tokens, new_tokens, wait_mail_up
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+
+FILTERS = ("filter1", "filter2")
+# The GTUBE test string: rspamd rejects it outright (the SpamAssassin convention).
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster):
+    c = make_cluster()
+    boot(c, "fe1", *FILTERS, "store1")
+    wait_mail_up(c["store1"])
+    for name in FILTERS:
+        for unit in ("postfix.service", "rspamd.service", "redis-server.service"):
+            c[name].wait_for_unit(unit)
+    wait_backends(c, {name: "UP" for name in FILTERS})
+    return c
+
+
+# ---- helpers -------------------------------------------------------------------------
+def backend_status(c) -> dict[str, str]:
+    """HAProxy's view of each filter, read from the stats endpoint on the admin network."""
+    fe = c["fe1"]
+    addr = c.site.node("fe1").address
+    out = fe.succeed(f"exec 3<>/dev/tcp/{addr}/8404; printf 'GET /stats;csv HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
+    body = out.split("\r\n\r\n", 1)[1].lstrip("# ")
+    return {r["svname"]: r["status"].split()[0] for r in csv.DictReader(io.StringIO(body))
+            if r["pxname"] == "filters_25" and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def wait_backends(c, wanted: dict[str, str], timeout: float = 120) -> None:
+    seen: dict[str, str] = {}
+
+    def check(last: bool) -> bool:
+        seen.update(backend_status(c))
+        ok = all(seen.get(k) == v for k, v in wanted.items())
+        if last and not ok:
+            raise AssertionError(f"HAProxy reports {seen}, expected {wanted}")
+        return ok
+
+    retry(check, timeout=timeout, interval=2)
+
+
+def message(rcpt: str, token: str, extra: str = "") -> str:
+    return (f"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
+            f"Date: {email.utils.formatdate()}\r\n"
+            f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n{extra}")
+
+
+def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org") -> list[str]:
+    """One SMTP session from the host to the frontend's port 25; returns the tokens that
+    were acknowledged with 250."""
+    acked = []
+    with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname=helo, timeout=180) as s:
+        for rcpt, token in messages:
+            s.sendmail("sender@example.org", [rcpt], message(rcpt, token))
+            acked.append(token)
+    return acked
+
+
+def send_in_sessions(c, messages, per_session: int) -> list[str]:
+    acked = []
+    for i in range(0, len(messages), per_session):
+        acked += send(c, messages[i:i + per_session])
+    return acked
+
+
+def mailbox_tokens(c) -> list[str]:
+    return [t for user in USERS for t in imap_tokens(c["store1"], c.secrets, user)]
+
+
+def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300) -> list[str]:
+    """Poll the mailboxes until every token is there; returns everything found."""
+    found: list[str] = []
+
+    def check(last: bool) -> bool:
+        found[:] = mailbox_tokens(c)
+        missing = set(tokens) - set(found)
+        if last and missing:
+            queues = "\n".join(f"{n}: " + c[n].execute("postqueue -p | tail -15")[1] for n in FILTERS)
+            raise AssertionError(f"{len(missing)} of {len(tokens)} messages never reached a mailbox;"
+                                 f" filter queues:\n{queues}")
+        return not missing
+
+    retry(check, timeout=timeout, interval=5)
+    return found
+
+
+def filter_log(m: Machine, token: str) -> str:
+    """Postfix's and rspamd's journal lines for the message carrying `token`."""
+    lines = m.succeed("journalctl -b --no-pager -o short -u postfix -u rspamd")
+    qids = set(re.findall(r"([0-9A-F]{6,}): message-id=<" + token, lines))
+    return "\n".join(l for l in lines.splitlines() if token in l or any(q in l for q in qids))
+
+
+def handled_by(c, token: str) -> dict[str, str]:
+    return {n: log for n in FILTERS if (log := filter_log(c[n], token))}
+
+
+def queued(m: Machine) -> int:
+    return len(m.succeed("postqueue -j").splitlines())
+
+
+# ---- tests ---------------------------------------------------------------------------
+def test_mail_reaches_the_mailbox_and_the_filter_logs_the_real_client(cluster):
+    rcpt, token = new_tokens(1)[0]
+    assert send(cluster, [(rcpt, token)]) == [token]
+    wait_in_mailboxes(cluster, [token])
+    logs = handled_by(cluster, token)
+    assert len(logs) == 1, f"expected one filter to handle the message, got {sorted(logs)}"
+    (log,) = logs.values()
+    frontend = str(cluster.site.node("fe1").address)
+    client = re.search(r"client=\S*\[([0-9.]+)\]", log)
+    assert client, f"no client= line for the message:\n{log}"
+    assert client.group(1) == USER_NET_HOST, log  # the host, as the frontend saw it
+    assert f"[{frontend}]" not in log and f"ip: {frontend}" not in log
+    # rspamd scanned it and recorded the same client address
+    assert re.search(rf"\bip: {re.escape(USER_NET_HOST)}\b", log), f"rspamd did not log the client:\n{log}"
+
+
+def test_gtube_is_rejected_at_smtp_time_and_never_delivered(cluster):
+    (rcpt, spam), (_, clean) = new_tokens(2)
+    with smtplib.SMTP("127.0.0.1", cluster["fe1"].forward(25), local_hostname="spam.example.org", timeout=180) as s:
+        with pytest.raises(smtplib.SMTPDataError) as exc:
+            s.sendmail("sender@example.org", [rcpt], message(rcpt, spam, extra=GTUBE + "\r\n"))
+        assert 500 <= exc.value.smtp_code < 600, exc.value
+    # A clean message sent afterwards is the barrier: once it is in, the spam never will be.
+    assert send(cluster, [(rcpt, clean)]) == [clean]
+    found = wait_in_mailboxes(cluster, [clean])
+    assert spam not in found
+    assert all(queued(cluster[n]) == 0 for n in FILTERS)
+
+
+def test_relaying_and_unknown_recipients_are_refused(cluster):
+    with smtplib.SMTP("127.0.0.1", cluster["fe1"].forward(25), local_hostname="relay.example.org", timeout=180) as s:
+        s.ehlo()
+        with subtest("open relay"):
+            assert s.mail("spammer@example.org")[0] == 250
+            code, text = s.rcpt("victim@example.net")
+            assert 500 <= code < 600 and b"Relay access denied" in text, (code, text)
+            s.rset()
+        with subtest("unknown user"):
+            assert s.mail("sender@example.org")[0] == 250
+            code, text = s.rcpt("nobody@example.test")
+            assert code == 550 and b"User unknown" in text, (code, text)
+
+
+def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
+    victim = cluster["filter1"]
+    victim.crash()
+    try:
+        burst = new_tokens(50)
+        acked = send_in_sessions(cluster, burst, per_session=5)  # 10 connections over the balancer
+        assert acked == [t for _, t in burst]
+        found = wait_in_mailboxes(cluster, acked)
+        assert len([t for t in found if t in set(acked)]) == 50, "a message was delivered twice"
+        wait_backends(cluster, {"filter1": "DOWN", "filter2": "UP"})
+    finally:
+        victim.start()
+    for unit in ("postfix.service", "rspamd.service"):
+        victim.wait_for_unit(unit)
+    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
+    later = new_tokens(6)
+    send_in_sessions(cluster, later, per_session=1)  # round robin spreads the sessions
+    wait_in_mailboxes(cluster, [t for _, t in later])
+    users = {n for _, t in later for n in handled_by(cluster, t)}
+    assert users == set(FILTERS), f"after its restart only {sorted(users)} handled mail"
+
+
+def test_a_wedged_filter_is_taken_out_and_put_back(cluster):
+    wedged = cluster["filter2"]
+    # Frozen (cgroup freezer), Postfix keeps its listening socket, so connections still
+    # open: only an SMTP-aware check notices that nobody answers.
+    wedged.succeed("systemctl freeze postfix.service")
+    try:
+        wait_backends(cluster, {"filter1": "UP", "filter2": "DOWN"}, timeout=60)
+        burst = new_tokens(4)
+        assert send_in_sessions(cluster, burst, per_session=1) == [t for _, t in burst]
+    finally:
+        wedged.succeed("systemctl thaw postfix.service")
+    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=60)
+    wait_in_mailboxes(cluster, [t for _, t in burst])
+
+
+def test_mail_waits_on_the_filters_while_the_mailstore_is_down(cluster):
+    store = cluster["store1"]
+    store.shutdown()
+    burst = new_tokens(100)
+    try:
+        acked = send_in_sessions(cluster, burst, per_session=25)
+        assert acked == [t for _, t in burst]
+        assert sum(queued(cluster[n]) for n in FILTERS) == 100
+    finally:
+        store.start()
+    wait_mail_up(store)
+    found = wait_in_mailboxes(cluster, acked, timeout=420)
+    mine = [t for t in found if t in set(acked)]
+    assert len(mine) == len(set(mine)) == 100, "a message was delivered twice"
+    for n in FILTERS:
+        log = cluster[n].succeed("journalctl -b --no-pager -o cat -u postfix")
+        assert "status=bounced" not in log and "sender non-delivery notification" not in log, n
+        assert queued(cluster[n]) == 0
+
+
+def test_stats_are_served_to_the_admin_network_only(cluster):
+    fe_addr = cluster.site.node("fe1").address
+    metrics = cluster["store1"].succeed(
+        f"exec 3<>/dev/tcp/{fe_addr}/8404; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
+    assert "haproxy_backend_status" in metrics or "haproxy_server_status" in metrics
+    # From the host (outside the admin network) the port gives nothing back.
+    with socket.create_connection(("127.0.0.1", cluster["fe1"].forward(8404)), timeout=10) as s:
+        s.settimeout(10)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        try:
+            answer = s.recv(100)
+        except (TimeoutError, ConnectionResetError):
+            answer = b""
+    assert not answer.startswith(b"HTTP/"), answer
+
+
+def test_connection_flood_from_one_address_is_refused_while_others_are_served(cluster):
+    limit = cluster.site.frontend.rate_limit.connections
+    port = cluster["fe1"].forward(25)
+
+    def greet(_: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.settimeout(30)
+                first = s.recv(4)
+                if first.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return True
+                return False
+        except OSError:
+            return False
+
+    attempts = 2 * limit
+    with concurrent.futures.ThreadPoolExecutor(attempts) as pool:
+        served = sum(pool.map(greet, range(attempts)))
+    assert 0 < served <= limit, f"{served} of {attempts} connections from one address were served"
+    # Meanwhile another address (a mailstore, on the cluster network) is still greeted.
+    other = cluster["store1"].succeed(
+        f"exec 3<>/dev/tcp/{cluster.site.node('fe1').address}/25; IFS= read -r -t 30 line <&3; echo \"$line\"")
+    assert other.startswith("220"), other
+
+
+def test_users_send_through_submission_and_out_via_the_filters(cluster):
+    """587 on the mailstore: STARTTLS, then SASL through Dovecot, then only as yourself;
+    the mail leaves through a filter (no Internet here, so it waits in a filter's queue)."""
+    store, secrets = cluster["store1"], cluster.secrets
+    alice, bob = USERS[0], USERS[1]
+    _, token = new_tokens(1)[0]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # per-node self-signed
+    with smtplib.SMTP("127.0.0.1", store.forward(587), local_hostname="laptop.example.org", timeout=120) as s:
+        s.ehlo()
+        assert not s.has_extn("auth"), "AUTH offered before STARTTLS"
+        with subtest("no relaying without login"):
+            s.mail(alice)
+            code, _ = s.rcpt("friend@example.net")
+            assert 500 <= code < 600, code
+            s.rset()
+        s.starttls(context=ctx)
+        s.ehlo()
+        with subtest("wrong password"), pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login(alice, "not-" + secrets.user_password(alice))
+        s.login(alice, secrets.user_password(alice))
+        with subtest("sending as someone else"):
+            s.mail(bob)
+            code, text = s.rcpt("friend@example.net")
+            assert code == 553 and b"not owned by user" in text, (code, text)
+            s.rset()
+        s.sendmail(alice, ["friend@example.net"], message("friend@example.net", token).replace(
+            "From: sender@example.org", f"From: {alice}"))
+
+    def relayed_by_a_filter(last: bool) -> bool:
+        logs = handled_by(cluster, token)
+        if last and not logs:
+            raise AssertionError("no filter took the message; mailstore queue:\n" + store.execute("postqueue -p")[1])
+        return bool(logs)
+
+    retry(relayed_by_a_filter, timeout=120, interval=3)
+    (name, log), = handled_by(cluster, token).items()
+    assert "postfix/outbound" in log and "to=<friend@example.net>" in log, log
+    cluster[name].succeed("postsuper -d ALL")  # it cannot leave this test network
