@@ -46,20 +46,21 @@ def secrets(tmp_path_factory) -> Secrets:
     return Secrets(tmp_path_factory.mktemp("secrets") / "example")
 
 
-@pytest.fixture(scope="module")
-def make_cluster(tmp_path_factory, site, profiles, test_images, secrets):
-    """Factory for clusters of the example site; every VM and switch is torn down after
-    the module, pass or fail."""
-    clusters: list[Cluster] = []
+# The nodes every mail-path test needs. One TCG boot costs about a minute of both cores
+# per guest, so one booted cluster serves every VM module in turn (they share an xdist
+# group, so one worker runs them in order). A module that breaks something repairs it
+# before it ends; each module's own fixture waits for what it needs.
+SHARED_NODES = ("fe1", "filter1", "filter2", "store1")
 
-    def make(site_=None) -> Cluster:
-        c = Cluster(site_ or site, test_images, tmp_path_factory.mktemp("cluster"),
-                    forwards=lambda node: role_ports(profiles, node.role), secrets=secrets)
-        clusters.append(c)
-        return c
 
-    yield make
-    for c in clusters:
+@pytest.fixture(scope="session")
+def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
+    c = Cluster(site, test_images, tmp_path_factory.mktemp("mail-cluster"),
+                forwards=lambda node: role_ports(profiles, node.role), secrets=secrets)
+    try:
+        boot(c, *SHARED_NODES)
+        yield c
+    finally:
         for m in c.machines.values():
             if m in _live:
                 _live.remove(m)

@@ -9,7 +9,7 @@ from appliance import dns, paths
 from appliance.errors import ConfigError
 from appliance.profiles import ProfileSet
 from appliance.render import render
-from appliance.site import load_site, parse_site
+from appliance.site import parse_site
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,6 @@ def test_credentials_are_passed_as_smbios_type_11(tmp_path):
 
 
 def test_secrets_are_generated_once_private_and_hashed(tmp_path):
-    from appliance.credentials import mail_users
     site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
     s = Secrets(tmp_path / "secrets")
     creds = node_credentials(site, site.node("store1"), None, s)

@@ -17,7 +17,6 @@ import pytest
 from appliance.qemu import USER_NET_HOST
 from appliance.vm import Machine, subtest
 from appliance.wait import retry
-from tests.conftest import boot
 from tests.vm.mail import USERS, imap_tokens, new_tokens, wait_mail_up
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -28,13 +27,12 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 @pytest.fixture(scope="module")
-def cluster(make_cluster):
-    c = make_cluster()
-    boot(c, "fe1", *FILTERS, "store1")
+def cluster(mail_cluster):
+    c = mail_cluster
     wait_mail_up(c["store1"])
     for name in FILTERS:
         for unit in ("postfix.service", "rspamd.service", "redis-server.service"):
-            c[name].wait_for_unit(unit)
+            c[name].wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
     wait_backends(c, {name: "UP" for name in FILTERS})
     return c
 
@@ -180,7 +178,7 @@ def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
     finally:
         victim.start()
     for unit in ("postfix.service", "rspamd.service"):
-        victim.wait_for_unit(unit)
+        victim.wait_for_unit(unit, timeout=600)
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
     later = new_tokens(6)
     send_in_sessions(cluster, later, per_session=1)  # round robin spreads the sessions
