@@ -241,6 +241,7 @@ def render(
     for layer in layers:
         ports.update(layer.ports)
         admin_ports.update(layer.admin_ports)
+    ports.update(site.site_ports(role))
     context = {
         "site": site,
         "role": role,

@@ -118,18 +118,24 @@ class RateLimit(_Model):
     period: Duration = "10s"
 
 
+# Ports a frontend can serve. 25 goes to the filters; submission (587, STARTTLS) and
+# submissions (465, implicit TLS) go to the mailstores, where users authenticate.
+FRONTEND_PORTS = {25: "smtp", 465: "submissions", 587: "submission"}
+# Where a mailstore takes submission relayed by a frontend: its own port, because these
+# connections start with HAProxy's PROXY header and direct ones do not.
+PROXIED_SUBMISSION = {465: 10465, 587: 10587}
+
+
 class Frontend(_Model):
-    # 465/587 (submission) terminate on the mailstores, which do not serve them yet.
-    ports: list[int] = Field(default=[25], description="ports the frontend balances; 25 only for now")
+    ports: list[Literal[25, 465, 587]] = Field(default=[25], description="25 (to the filters), 465 and 587 (to the mailstores)")
     rate_limit: RateLimit = RateLimit()
 
     @field_validator("ports")
     @classmethod
-    def _smtp_only(cls, value: list[int]) -> list[int]:
-        if value != [25]:
-            raise ValueError(f"expected [25], got {value}: submission (465/587) through the "
-                             "frontend is not supported yet")
-        return value
+    def _unique(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a port is listed twice in {value}")
+        return sorted(value)
 
 
 class Tls(_Model):
@@ -179,6 +185,19 @@ class Site(_Model):
             f"no node named {name!r} in site {self.name!r}",
             hint="known nodes: " + ", ".join(n.name for n in self.nodes),
         )
+
+    def site_ports(self, role: str) -> dict[str, int]:
+        """Ports a role serves because of this site (on top of its profile's)."""
+        if role == "frontend" and self.nodes_with_role("frontend"):
+            return {FRONTEND_PORTS[p]: p for p in self.frontend.ports}
+        return {}
+
+    def proxied_submission_ports(self) -> dict[int, int]:
+        """Frontend port -> the mailstores' port for it, for the submission ports the
+        frontends relay."""
+        if not self.nodes_with_role("frontend"):
+            return {}
+        return {p: PROXIED_SUBMISSION[p] for p in self.frontend.ports if p in PROXIED_SUBMISSION}
 
     @property
     def active_mailstores(self) -> list[Node]:

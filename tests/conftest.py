@@ -33,11 +33,12 @@ def test_images(profiles, site):
     return {role: builder.build(role, ("test",)).raw for role in profiles.roles}
 
 
-def role_ports(profiles, role: str) -> list[int]:
+def role_ports(profiles, site, role: str) -> list[int]:
     """Every port a role serves, admin-only ones included: tests check those are closed
     to the host, whose forwarded connections come from outside the admin network."""
     layers = profiles.compose(role)
-    return sorted({*resolved_ports(layers).values(), *resolved_admin_ports(layers).values()})
+    return sorted({*resolved_ports(layers).values(), *resolved_admin_ports(layers).values(),
+                   *site.site_ports(role).values()})
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,7 @@ SHARED_NODES = ("fe1", "filter1", "filter2", "store1")
 @pytest.fixture(scope="session")
 def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
     c = Cluster(site, test_images, tmp_path_factory.mktemp("mail-cluster"),
-                forwards=lambda node: role_ports(profiles, node.role), secrets=secrets)
+                forwards=lambda node: role_ports(profiles, site, node.role), secrets=secrets)
     try:
         boot(c, *SHARED_NODES)
         yield c

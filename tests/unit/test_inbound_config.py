@@ -64,9 +64,10 @@ def test_frontend_limits_and_backends_come_from_the_site(profiles, tmp_path):
     site = site_with(lambda d: d["frontend"].update(rate_limit={"connections": 7, "period": "30s"}))
     cfg = rendered(profiles, site, "frontend", tmp_path, "etc/haproxy/haproxy.cfg")
     assert "store conn_rate(30s)" in cfg and "sc0_conn_rate gt 7" in cfg
-    servers = re.findall(r"^\s*server (\S+) (\S+)$", cfg, re.M)
+    filters = cfg[cfg.index("\nbackend filters_25"):].split("\n\n")[0]
+    servers = re.findall(r"^\s*server (\S+) (\S+)$", filters, re.M)
     assert servers == [("filter1", "10.77.0.21:25"), ("filter2", "10.77.0.22:25")]
-    assert "default-server send-proxy-v2 check" in cfg
+    assert "default-server send-proxy-v2 check" in filters
     assert "src 10.77.0.0/24" in cfg  # stats: admin network only
 
 
@@ -81,3 +82,18 @@ def test_dns_records_for_both_topologies():
     assert re.findall(r"^mx\.example\.test\.\s+IN A\s+(\S+)", zone, re.M) == ["10.77.0.21", "10.77.0.22"]
     with pytest.raises(ConfigError, match="only accept connections through"):
         dns.records(site, "round-robin")
+
+
+def test_submission_through_the_frontend_lands_on_a_proxied_mailstore_port(profiles, tmp_path):
+    site = site_with(lambda d: d["frontend"].update(ports=[25, 465, 587]))
+    cfg = rendered(profiles, site, "frontend", tmp_path, "etc/haproxy/haproxy.cfg")
+    for public, internal in ((465, 10465), (587, 10587)):
+        backend = cfg[cfg.index(f"\nbackend mailstores_{public}"):].split("\n\n")[0]
+        # store2 is store1's backup: it holds no mailboxes and takes no submission
+        assert re.findall(r"^\s*server (\S+) (\S+)$", backend, re.M) == [("store1", f"10.77.0.31:{internal}")]
+    master = rendered(profiles, site, "mailstore", tmp_path, "etc/postfix/master.cf")
+    for internal in ("10465", "10587"):
+        block = master[master.index(f"\n{internal} "):].split("\n\n")[0]
+        assert "smtpd_upstream_proxy_protocol=haproxy" in block and "smtpd_sasl_auth_enable=yes" in block
+    nft = rendered(profiles, site, "mailstore", tmp_path, "etc/nftables.conf")
+    assert "ip saddr { 10.77.0.10 } tcp dport { 10465, 10587 } accept" in nft

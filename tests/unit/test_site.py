@@ -115,6 +115,8 @@ def test_mailboxes_default_to_the_first_primary_mailstore():
     assert {site.mailstore_of(u) for u in site.users} == {"store1"}  # store2 is store1's backup
 
 
-def test_submission_ports_on_the_frontend_refused_for_now(tmp_path):
-    msg = error_of(tmp_path, lambda d: d["frontend"].update(ports=[25, 587]))
-    assert "frontend.ports" in msg and "not supported yet" in msg
+def test_frontend_ports_are_smtp_or_submission_and_listed_once(tmp_path):
+    msg = error_of(tmp_path, lambda d: d["frontend"].update(ports=[25, 26]))
+    assert "frontend.ports[1]" in msg
+    msg = error_of(tmp_path, lambda d: d["frontend"].update(ports=[25, 587, 587]))
+    assert "frontend.ports" in msg and "twice" in msg

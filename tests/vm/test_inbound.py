@@ -303,3 +303,23 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
     (name, log), = handled_by(cluster, token).items()
     assert "postfix/outbound" in log and "to=<friend@example.net>" in log, log
     cluster[name].succeed("postsuper -d ALL")  # it cannot leave this test network
+
+
+def test_submission_through_the_frontend_reaches_the_mailstore_with_the_users_address(cluster):
+    """The example site enables 587 on the frontend: HAProxy relays it to a mailstore with
+    PROXY v2, so the mailstore authenticates the user and logs the user's own address."""
+    store, secrets = cluster["store1"], cluster.secrets
+    alice, bob = USERS[0], USERS[1]
+    _, token = new_tokens(1)[0]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", cluster["fe1"].forward(587), local_hostname="laptop.example.org", timeout=120) as s:
+        s.starttls(context=ctx)
+        s.login(alice, secrets.user_password(alice))
+        s.sendmail(alice, [bob], message(bob, token).replace("From: sender@example.org", f"From: {alice}"))
+    assert token in wait_in_mailboxes(cluster, [token])
+    log = store.succeed("journalctl -b --no-pager -o short -u postfix")
+    qid = re.search(r"(\w+): message-id=<" + token, log)
+    assert qid, f"the mailstore never saw the message:\n{log[-3000:]}"
+    client = re.search(r"postfix/submission-587/smtpd\[\d+\]: " + qid.group(1) + r": client=\S*\[([0-9.]+)\]", log)
+    assert client and client.group(1) == USER_NET_HOST, "\n".join(l for l in log.splitlines() if qid.group(1) in l)
