@@ -145,7 +145,7 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
         "packages": [p for l in composed for p in l.packages] + list(obj.site.image.extra_packages),
         "services": {"enable": [s for l in composed for s in l.services.enable],
                      "disable": [s for l in composed for s in l.services.disable]},
-        "ports": {**resolved_ports(composed), **obj.site.site_ports(role)},
+        "ports": resolved_ports(composed, obj.site),
         "partitions": {k: v.model_dump(exclude_none=True) for k, v in resolved_partitions(composed).items()},
         "checks": [c for l in composed for c in l.checks],
         "mkosi": {p.name: p.read_text() for p in sorted((builddir / "mkosi.conf.d").glob("*.conf"))},
@@ -183,7 +183,7 @@ def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> 
     image = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
     if not image.exists():
         raise ApplianceError(f"{image}: no image built for role {role}", hint=f"run ./build.py build {role}")
-    ports = {**resolved_ports(obj.profiles.compose(role)), **site.site_ports(role)}
+    ports = resolved_ports(obj.profiles.compose(role), site)
     spec = qemu.VMSpec(
         name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
         memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},

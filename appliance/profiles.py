@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from . import paths
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .site import Site
 
 MkosiValue = str | list[str]
 
@@ -143,17 +146,16 @@ class ProfileSet:
         return layers
 
 
-def resolved_ports(layers: list[Profile]) -> dict[str, int]:
+def resolved_ports(layers: list[Profile], site: "Site | None" = None, admin: bool = False) -> dict[str, int]:
+    """Ports the composed role serves: its layers' (a later layer wins), plus those the
+    site adds to the role (a frontend's submission ports). admin=True: the ones open to
+    the admin network only."""
     ports: dict[str, int] = {}
     for layer in layers:
-        ports.update(layer.ports)
-    return ports
-
-
-def resolved_admin_ports(layers: list[Profile]) -> dict[str, int]:
-    ports: dict[str, int] = {}
-    for layer in layers:
-        ports.update(layer.admin_ports)
+        ports.update(layer.admin_ports if admin else layer.ports)
+    if site is not None and not admin:
+        role = next((l.name for l in layers if l.kind == "role"), "")
+        ports.update(site.site_ports(role))
     return ports
 
 

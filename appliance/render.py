@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 
 from .errors import ConfigError
-from .profiles import Partition, Profile, resolved_partitions
+from .profiles import Partition, Profile, resolved_partitions, resolved_ports
 from .site import Site
 
 DISTRIBUTION = ("debian", "trixie")
@@ -237,17 +237,12 @@ def render(
     sources.parent.mkdir(parents=True)
     sources.write_text(APT_SOURCES)
 
-    ports, admin_ports = {}, {}
-    for layer in layers:
-        ports.update(layer.ports)
-        admin_ports.update(layer.admin_ports)
-    ports.update(site.site_ports(role))
     context = {
         "site": site,
         "role": role,
         "layers": [l.name for l in layers],
-        "ports": ports,
-        "admin_ports": admin_ports,
+        "ports": resolved_ports(layers, site),
+        "admin_ports": resolved_ports(layers, admin=True),
         # Filters take the mailstores' outgoing mail here (no PROXY header, mailstores only).
         "outbound_port": OUTBOUND_PORT,
         "nodes_by_role": {r: site.nodes_with_role(r) for r in {n.role for n in site.nodes} | {role}},

@@ -7,7 +7,7 @@ import pytest
 
 from appliance import paths
 from appliance.imagebuild import Builder
-from appliance.profiles import ProfileSet, resolved_admin_ports, resolved_ports
+from appliance.profiles import ProfileSet, resolved_ports
 from appliance.site import load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
@@ -37,8 +37,7 @@ def role_ports(profiles, site, role: str) -> list[int]:
     """Every port a role serves, admin-only ones included: tests check those are closed
     to the host, whose forwarded connections come from outside the admin network."""
     layers = profiles.compose(role)
-    return sorted({*resolved_ports(layers).values(), *resolved_admin_ports(layers).values(),
-                   *site.site_ports(role).values()})
+    return sorted({*resolved_ports(layers, site).values(), *resolved_ports(layers, admin=True).values()})
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
     assert m.succeed("hostname").strip() == NODES[role]  # identity from the credential
     for unit in profiles.get(role).services.enable:
         m.wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
-    for name, port in {**resolved_ports(profiles.compose(role)), **site.site_ports(role)}.items():
+    for name, port in resolved_ports(profiles.compose(role), site).items():
         m.wait_for_open_port(port)
         # Behind the frontend, a filter's port 25 first wants HAProxy's PROXY header
         # (tests/vm/test_inbound.py goes through the frontend).

@@ -106,15 +106,19 @@ def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300) -> list[str]:
     return found
 
 
-def filter_log(m: Machine, token: str) -> str:
-    """Postfix's and rspamd's journal lines for the message carrying `token`."""
-    lines = m.succeed("journalctl -b --no-pager -o short -u postfix -u rspamd")
-    qids = set(re.findall(r"([0-9A-F]{6,}): message-id=<" + token, lines))
-    return "\n".join(l for l in lines.splitlines() if token in l or any(q in l for q in qids))
+def message_log(journal: str, token: str) -> str:
+    """The journal lines (Postfix's and rspamd's) for the message carrying `token`."""
+    qids = set(re.findall(r"([0-9A-F]{6,}): message-id=<" + token, journal))
+    return "\n".join(l for l in journal.splitlines() if token in l or any(q in l for q in qids))
 
 
 def handled_by(c, token: str) -> dict[str, str]:
-    return {n: log for n in FILTERS if (log := filter_log(c[n], token))}
+    """Filter name -> its log of the message, for each filter that handled it."""
+    return {n: log for n, journal in filter_journals(c).items() if (log := message_log(journal, token))}
+
+
+def filter_journals(c) -> dict[str, str]:
+    return {n: c[n].succeed("journalctl -b --no-pager -o short -u postfix -u rspamd") for n in FILTERS}
 
 
 def queued(m: Machine) -> int:
@@ -183,7 +187,8 @@ def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
     later = new_tokens(6)
     send_in_sessions(cluster, later, per_session=1)  # round robin spreads the sessions
     wait_in_mailboxes(cluster, [t for _, t in later])
-    users = {n for _, t in later for n in handled_by(cluster, t)}
+    journals = filter_journals(cluster)  # read once, searched for every token
+    users = {n for _, t in later for n, journal in journals.items() if message_log(journal, t)}
     assert users == set(FILTERS), f"after its restart only {sorted(users)} handled mail"
 
 
