@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,40 @@ def dns(obj: Context, topology: str | None) -> None:
     """Print the MX, A and SPF records the site's domains need."""
     from .dns import records
     click.echo(records(obj.site, topology), nl=False)
+
+
+@main.command()
+@click.argument("node")
+@click.option("--format", "fmt", type=click.Choice(["smbios", "files"]), default="smbios", show_default=True,
+              help="smbios: QEMU arguments on stdout; files: one file per credential in --output.")
+@click.option("--output", type=click.Path(path_type=Path), help="Directory for --format files (created 0700).")
+@click.pass_obj
+def credentials(obj: Context, node: str, fmt: str, output: Path | None) -> None:
+    """Everything that makes NODE itself (identity, peers, keys) as systemd credentials.
+
+    The image of a role is the same for all its nodes; these credentials, delivered at
+    boot, make one of them NODE. They contain secrets: keep them like keys."""
+    import shlex
+
+    from .credentials import Secrets, node_credentials
+
+    site = obj.site
+    target = site.node(node)
+    creds = node_credentials(site, target, target.mac, Secrets(paths.SECRETS / site.name))
+    if fmt == "smbios":
+        click.echo(" ".join(shlex.quote(a) for a in qemu.smbios_args(creds)))
+        return
+    if output is None:
+        raise ApplianceError("--format files needs --output DIR", hint="for example --output secrets/cred/" + node)
+    if output.exists() and any(output.iterdir()):
+        raise ApplianceError(f"{output} is not empty", hint="choose a new directory; nothing was written")
+    output.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, value in creds.items():
+        path = output / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(value)
+    echo(f"{len(creds)} credentials for {target.name} ({target.role}) in {output}")
 
 
 @main.command("list")

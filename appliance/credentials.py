@@ -4,16 +4,28 @@ Secrets never enter an image or git: they are generated on first use into a per-
 secrets directory (mode 0700) and handed to nodes only as credentials (SMBIOS type 11 in
 QEMU, *.cred files on the ESP for bare metal).
 
-Credentials a node receives:
+Credentials a node receives (every image of a role is the same; these make it a node):
   system.hostname                 the node's name
   network.network.10-cluster      its static address on the cluster NIC (systemd-networkd)
+  mailcluster.node                "NAME ROLE ADDRESS": checked against the image's role
+  mailcluster.peers               the cluster as the site describes it now (node, user and
+                                  backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
+  mailcluster.join-key            the cluster's SSH key for join announcements (secret,
+                                  one per site): only nodes holding it can join
   mailcluster.mailstore-key       mailstore: the eCryptfs passphrase of its mail store
   mailcluster.mail-users          mailstore: Dovecot passwd-file (hashes only, quotas)
+  mailcluster.pairing-key         a primary mailstore: the secret it shares with its backup
+                                  (an SSH key: proving it is what lets the primary pair)
+  mailcluster.pairing-key.PRIMARY a backup mailstore: the same secret, for each primary
+  mailcluster.backup              mailstore in a backup pair: lines schedule= (OnCalendar=,
+                                  primary only), recent=, daily=, monthly= (retention)
 """
 from __future__ import annotations
 
 import os
 import secrets as pysecrets
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -58,9 +70,26 @@ class Secrets:
             "users", f"{address}.hash",
             make=lambda: "{SHA512-CRYPT}" + crypt.crypt(pw, crypt.mksalt(crypt.METHOD_SHA512, rounds=HASH_ROUNDS)))
 
+    def join_key(self) -> str:
+        """The site's join key: an ed25519 SSH private key (OpenSSH format)."""
+        return self.get_or_create("join-key", make=lambda: ssh_key("mailcluster-join"))
+
+    def pairing_key(self, primary: str) -> str:
+        """The secret a primary mailstore and its backup share: an ed25519 SSH key."""
+        return self.get_or_create("pairs", f"{primary}.pairing-key", make=lambda: ssh_key(f"mailcluster-pairing {primary}"))
+
     def mailstore_key(self, node: str) -> str:
         # 32 random bytes as text: eCryptfs derives the file-encryption key from it.
         return self.get_or_create("nodes", node, "ecryptfs.passphrase", make=lambda: pysecrets.token_hex(32))
+
+
+def ssh_key(comment: str) -> str:
+    """A new ed25519 SSH private key (OpenSSH format)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                       check=True, capture_output=True)
+        return key.read_text()
 
 
 def mail_users(site: Site, secrets: Secrets) -> str:
@@ -69,6 +98,19 @@ def mail_users(site: Site, secrets: Secrets) -> str:
     for u in site.users:
         pw_hash = u.password_hash or secrets.user_hash(u.address)
         lines.append(f"{u.address}:{pw_hash}::::::userdb_quota_storage_size={u.quota}\n")
+    return "".join(lines)
+
+
+def peers(site: Site) -> str:
+    """The mailcluster.peers credential: every node, where each user's mail lives, and
+    who backs up whom. A backup mailstore starts as standby: it holds no mailboxes
+    until it takes over."""
+    backups = {p.backup for p in site.backups}
+    lines = [f"# cluster {site.name}, as the site file describes it\n"]
+    lines += [f"node {n.name} {n.role} {n.address} {'standby' if n.name in backups else 'active'}\n"
+              for n in site.nodes]
+    lines += [f"user {u.address} {site.mailstore_of(u)}\n" for u in site.users]
+    lines += [f"backup {p.primary} {p.backup}\n" for p in site.backups]
     return "".join(lines)
 
 
@@ -87,8 +129,20 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "system.hostname": node.name.encode(),
         # systemd-network-generator turns this into /run/systemd/network/10-cluster.network.
         "network.network.10-cluster": network.encode(),
+        "mailcluster.node": f"{node.name} {node.role} {node.address}\n".encode(),
+        "mailcluster.peers": peers(site).encode(),
+        "mailcluster.join-key": secrets.join_key().encode(),
     }
     if node.role == "mailstore":
         creds["mailcluster.mailstore-key"] = secrets.mailstore_key(node.name).encode()
         creds["mailcluster.mail-users"] = mail_users(site, secrets).encode()
+        r = site.retention
+        policy = f"recent={r.recent}\ndaily={r.daily}\nmonthly={r.monthly}\n"
+        for pair in site.backups:
+            if pair.primary == node.name:
+                creds["mailcluster.pairing-key"] = secrets.pairing_key(pair.primary).encode()
+                creds["mailcluster.backup"] = f"schedule={pair.schedule}\n{policy}".encode()
+            elif pair.backup == node.name:
+                creds[f"mailcluster.pairing-key.{pair.primary}"] = secrets.pairing_key(pair.primary).encode()
+                creds["mailcluster.backup"] = policy.encode()
     return creds

@@ -11,7 +11,8 @@ SITES = ROOT / "sites"
 EXAMPLE_SITE = SITES / "example.yaml"
 IMAGES = ROOT / "images"
 BUILD = ROOT / "build"
-SECRETS = ROOT / "secrets"
+# Generated secrets (keys, passwords), per site; never in git.
+SECRETS = Path(os.environ.get("MAILCLUSTER_SECRETS", ROOT / "secrets"))
 
 # Shared by every checkout on the machine (CI's fresh clone included).
 CACHE = Path(os.environ.get("MAILCLUSTER_CACHE", "/var/cache/mailcluster"))

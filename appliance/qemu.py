@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import signal
 import socket
@@ -121,10 +122,16 @@ def qemu_command(spec: VMSpec) -> list[str]:
             "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
-    for name, value in sorted(spec.credentials.items()):
+    return cmd + smbios_args(spec.credentials)
+
+
+def smbios_args(credentials: dict[str, bytes]) -> list[str]:
+    """systemd credentials as SMBIOS type 11 strings, which PID 1 imports at boot."""
+    args = []
+    for name, value in sorted(credentials.items()):
         b64 = base64.b64encode(value).decode()
-        cmd += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]
-    return cmd
+        args += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]
+    return args
 
 
 def check_host() -> None:
@@ -158,7 +165,9 @@ class QemuProcess:
 
     def start(self) -> None:
         cmd = qemu_command(self.spec)
-        (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
+        # For debugging; credentials carry secrets, so only their names are written down.
+        shown = [re.sub(r"^(type=11,value=io\.systemd\.credential\.binary:[^=]+=).*", r"\1<redacted>", a) for a in cmd]
+        (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(shown) + "\n")
         stdio = None if self.spec.interactive else subprocess.DEVNULL
         err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
         self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=True)

@@ -245,7 +245,6 @@ def render(
         "admin_ports": resolved_ports(layers, admin=True),
         # Filters take the mailstores' outgoing mail here (no PROXY header, mailstores only).
         "outbound_port": OUTBOUND_PORT,
-        "nodes_by_role": {r: site.nodes_with_role(r) for r in {n.role for n in site.nodes} | {role}},
     }
     renderer = TemplateRenderer(context)
 

@@ -95,6 +95,9 @@ class BackupPair(_Model):
 
 
 class Retention(_Model):
+    """Which backup snapshots the backup node keeps: the newest `recent` ones, and the
+    newest of each of the last `daily` days and `monthly` months."""
+    recent: int = Field(default=24, ge=1)
     daily: int = Field(default=30, ge=1)
     monthly: int = Field(default=120, ge=0)
 

@@ -221,7 +221,7 @@ class Machine:
             retry(check, timeout)
         except TimeoutError:
             raise AssertionError(f"{self.name}: unit {unit} not active within {timeout:.0f} s "
-                                 f"(state {state.get('s')})\n" + self.journal(unit)) from None
+                                 f"(state {state.get('s')})\n" + self.journal(unit) + self.stuck()) from None
 
     def wait_for_open_port(self, port: int, timeout: float = 120) -> None:
         __tracebackhide__ = True
@@ -258,6 +258,16 @@ class Machine:
         except Exception as e:  # the channel itself may be what broke
             return f"(journal of {unit} unavailable: {e})"
         return f"--- journal of {unit} on {self.name} ---\n{out}"
+
+    def stuck(self) -> str:
+        """What systemd is still waiting for, and the newest lines of the whole boot: a
+        unit that never started has no journal of its own."""
+        try:
+            _, jobs = self.execute("systemctl list-jobs --no-pager", timeout=30)
+            _, tail = self.execute("journalctl -b --no-pager -n 40", timeout=30)
+        except Exception as e:
+            return f"\n(jobs unavailable: {e})"
+        return f"\n--- pending jobs on {self.name} ---\n{jobs}\n--- newest journal lines ---\n{tail}"
 
     def serial_tail(self, lines: int = 40) -> str:
         try:
@@ -327,11 +337,13 @@ class Cluster:
     def __getitem__(self, name: str) -> Machine:
         return self.machines[name]
 
-    def machine(self, node: Node, credentials: dict[str, bytes] | None = None) -> Machine:
+    def machine(self, node: Node, credentials: dict[str, bytes] | None = None, site: Site | None = None) -> Machine:
+        """`site`: the site file as the operator changed it for this node (a node added
+        to a running cluster); the running nodes keep what they booted with."""
         if self.switch.proc is None:
             self.switch.start()
-        mac = node.mac or qemu.mac_for(node.name, 1)
-        creds = node_credentials(self.site, node, mac, self.secrets)
+        mac = self.mac(node)
+        creds = self.credentials(node, site)
         creds.update(credentials or {})
         spec = qemu.VMSpec(
             name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,
@@ -341,6 +353,13 @@ class Cluster:
         m = Machine(spec)
         self.machines[node.name] = m
         return m
+
+    def mac(self, node: Node) -> str:
+        return node.mac or qemu.mac_for(node.name, 1)
+
+    def credentials(self, node: Node, site: Site | None = None) -> dict[str, bytes]:
+        """What `./build.py credentials` makes for `node`, with its NIC on this switch."""
+        return node_credentials(site or self.site, node, self.mac(node), self.secrets)
 
     def close(self) -> None:
         for m in self.machines.values():

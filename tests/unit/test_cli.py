@@ -1,4 +1,8 @@
 """The CLI: one line per command in --help, clear messages and distinct exit codes."""
+import base64
+import os
+import re
+import stat
 import subprocess
 import sys
 
@@ -14,7 +18,7 @@ def cli(*args, **kw):
 
 def test_help_lists_every_command():
     out = cli("--help").stdout
-    for cmd in ("setup", "build", "dns", "list", "show", "run"):
+    for cmd in ("setup", "build", "dns", "credentials", "list", "show", "run"):
         assert any(line.strip().startswith(cmd + " ") for line in out.splitlines()), cmd
 
 
@@ -59,3 +63,28 @@ def test_dns_prints_the_zone_records():
     assert "IN MX\t10 fe1.example.test." in r.stdout
     r = cli("dns", "--topology", "round-robin")
     assert r.returncode == 2 and "hint:" in r.stderr
+
+
+def test_credentials_make_a_node_of_an_image(tmp_path):
+    env = {**os.environ, "MAILCLUSTER_SECRETS": str(tmp_path / "secrets")}
+    r = cli("credentials", "filter2", env=env)
+    assert r.returncode == 0, r.stderr
+    creds = dict(re.findall(r"io\.systemd\.credential\.binary:([\w.-]+)=(\S+?)'?(?:\s|$)", r.stdout))
+    assert base64.b64decode(creds["mailcluster.node"]) == b"filter2 filter 10.77.0.22\n"
+    assert b"node fe1 frontend 10.77.0.10 active" in base64.b64decode(creds["mailcluster.peers"])
+    assert base64.b64decode(creds["system.hostname"]) == b"filter2"
+
+    out = tmp_path / "cred" / "store1"
+    r = cli("credentials", "store1", "--format", "files", "--output", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    key = out / "mailcluster.mailstore-key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_text()) == 64
+    # the same site secrets every time: a node's key must not change between calls
+    assert (tmp_path / "secrets" / "example" / "nodes" / "store1" / "ecryptfs.passphrase").read_text() == key.read_text()
+    again = cli("credentials", "store1", "--format", "files", "--output", str(out), env=env)
+    assert again.returncode == 1 and "is not empty" in again.stderr and key.read_text() == (
+        tmp_path / "secrets" / "example" / "nodes" / "store1" / "ecryptfs.passphrase").read_text()
+
+    r = cli("credentials", "store9", env=env)
+    assert r.returncode == 2 and "no node named 'store9'" in r.stderr and "known nodes:" in r.stderr

@@ -8,7 +8,8 @@ import yaml
 from appliance import dns, paths
 from appliance.errors import ConfigError
 from appliance.profiles import ProfileSet
-from appliance.render import render
+from appliance.credentials import Secrets, node_credentials, peers
+from appliance.render import render, tree_hash
 from appliance.site import parse_site
 
 
@@ -50,23 +51,42 @@ def test_without_a_frontend_the_filters_take_plain_smtp(profiles, tmp_path):
     assert "postscreen_upstream_proxy_protocol" not in main
 
 
-def test_filters_route_each_user_to_their_mailstore_and_know_every_user(profiles, tmp_path):
+def test_peers_place_each_user_on_their_mailstore_and_backups_on_standby(tmp_path):
     site = site_with(lambda d: (d["nodes"].append({"name": "store3", "role": "mailstore", "address": "10.77.0.33"}),
                                 d["users"][1].update(mailstore="store3")))
-    transport = rendered(profiles, site, "filter", tmp_path, "etc/postfix/transport")
-    assert "alice@example.test relay:[10.77.0.31]:25" in transport
-    assert "bob@example.test relay:[10.77.0.33]:25" in transport
-    recipients = rendered(profiles, site, "filter", tmp_path, "etc/postfix/relay_recipients")
-    assert sorted(re.findall(r"^(\S+) OK$", recipients, re.M)) == sorted(u.address for u in site.users)
+    records = [line.split() for line in peers(site).splitlines() if not line.startswith("#")]
+    users = {r[1]: r[2] for r in records if r[0] == "user"}
+    assert users == {"alice@example.test": "store1", "bob@example.test": "store3", "carol@example.test": "store1"}
+    nodes = {r[1]: r[2:] for r in records if r[0] == "node"}
+    assert nodes["store2"] == ["mailstore", "10.77.0.32", "standby"]  # store1's backup: no mail until it takes over
+    assert nodes["store3"] == ["mailstore", "10.77.0.33", "active"]
+    assert nodes["filter2"] == ["filter", "10.77.0.22", "active"]
+    assert ["backup", "store1", "store2"] in records
+    creds = node_credentials(site, site.node("filter2"), None, Secrets(tmp_path))
+    assert creds["mailcluster.node"] == b"filter2 filter 10.77.0.22\n"
+    assert creds["mailcluster.join-key"].startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert creds["mailcluster.join-key"] == node_credentials(site, site.node("fe1"), None, Secrets(tmp_path))["mailcluster.join-key"]
+
+
+def test_images_do_not_depend_on_the_cluster_members(profiles, tmp_path):
+    """Adding a node to the site rebuilds nothing: the running nodes' images stay valid,
+    and the new node learns the cluster (and the cluster it) at boot."""
+    site = site_with()
+    grown = site_with(lambda d: d["nodes"].extend([{"name": "filter3", "role": "filter", "address": "10.77.0.23"},
+                                                   {"name": "store3", "role": "mailstore", "address": "10.77.0.33"}]))
+    for role in ("frontend", "filter", "mailstore"):
+        a = render(site, role, profiles.compose(role), profiles.overlay_dir, tmp_path / "a" / role, Path("/c"), Path("/p"))
+        b = render(grown, role, profiles.compose(role), profiles.overlay_dir, tmp_path / "b" / role, Path("/c"), Path("/p"))
+        assert tree_hash(a) == tree_hash(b), role
 
 
 def test_frontend_limits_and_backends_come_from_the_site(profiles, tmp_path):
     site = site_with(lambda d: d["frontend"].update(rate_limit={"connections": 7, "period": "30s"}))
-    cfg = rendered(profiles, site, "frontend", tmp_path, "etc/haproxy/haproxy.cfg")
+    cfg = rendered(profiles, site, "frontend", tmp_path, "usr/lib/mailcluster/haproxy.cfg.in")
     assert "store conn_rate(30s)" in cfg and "sc0_conn_rate gt 7" in cfg
     filters = cfg[cfg.index("\nbackend filters_25"):].split("\n\n")[0]
-    servers = re.findall(r"^\s*server (\S+) (\S+)$", filters, re.M)
-    assert servers == [("filter1", "10.77.0.21:25"), ("filter2", "10.77.0.22:25")]
+    # the servers are the cluster's filters at boot and as they join (mailcluster-members)
+    assert re.findall(r"^#@servers .*$", filters, re.M) == ["#@servers filter 25"]
     assert "default-server send-proxy-v2 check" in filters
     assert "src 10.77.0.0/24" in cfg  # stats: admin network only
 
@@ -86,14 +106,14 @@ def test_dns_records_for_both_topologies():
 
 def test_submission_through_the_frontend_lands_on_a_proxied_mailstore_port(profiles, tmp_path):
     site = site_with(lambda d: d["frontend"].update(ports=[25, 465, 587]))
-    cfg = rendered(profiles, site, "frontend", tmp_path, "etc/haproxy/haproxy.cfg")
+    cfg = rendered(profiles, site, "frontend", tmp_path, "usr/lib/mailcluster/haproxy.cfg.in")
     for public, internal in ((465, 10465), (587, 10587)):
         backend = cfg[cfg.index(f"\nbackend mailstores_{public}"):].split("\n\n")[0]
-        # store2 is store1's backup: it holds no mailboxes and takes no submission
-        assert re.findall(r"^\s*server (\S+) (\S+)$", backend, re.M) == [("store1", f"10.77.0.31:{internal}")]
+        # active mailstores only: a backup holds no mailboxes until it takes over
+        assert re.findall(r"^#@servers .*$", backend, re.M) == [f"#@servers mailstore {internal} active"]
     master = rendered(profiles, site, "mailstore", tmp_path, "etc/postfix/master.cf")
     for internal in ("10465", "10587"):
         block = master[master.index(f"\n{internal} "):].split("\n\n")[0]
         assert "smtpd_upstream_proxy_protocol=haproxy" in block and "smtpd_sasl_auth_enable=yes" in block
     nft = rendered(profiles, site, "mailstore", tmp_path, "etc/nftables.conf")
-    assert "ip saddr { 10.77.0.10 } tcp dport { 10465, 10587 } accept" in nft
+    assert "ip saddr @frontends tcp dport { 10465, 10587 } accept" in nft

@@ -45,7 +45,7 @@ def test_undefined_variable_names_template_and_line(tree):
 
 
 def test_template_syntax_error_names_line(tree):
-    tpl = tree / "overlays/40-frontend/etc/haproxy/haproxy.cfg.j2"
+    tpl = tree / "overlays/40-frontend/usr/lib/mailcluster/haproxy.cfg.in.j2"
     tpl.write_text("global\n\tlog {{ site.name \n")
     with pytest.raises(ConfigError) as exc:
         render_role(tree, "frontend")

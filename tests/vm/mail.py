@@ -1,13 +1,18 @@
 """Mail helpers shared by the VM tests: send over SMTP, read back over IMAP, wait for queues."""
 from __future__ import annotations
 
+import csv
+import email.utils
 import imaplib
+import io
 import re
 import secrets as pysecrets
 import shlex
+import smtplib
 import ssl
 
 from appliance.vm import Machine
+from appliance.wait import retry
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 
@@ -82,3 +87,74 @@ def wait_delivered(store: Machine) -> None:
         raise
 
 
+
+
+# ---- through the frontend ------------------------------------------------------------
+def backend_status(c, backend: str = "filters_25") -> dict[str, str]:
+    """HAProxy's view of each server of `backend`, from the stats endpoint on the admin network."""
+    fe = c["fe1"]
+    addr = c.site.node("fe1").address
+    out = fe.succeed(f"exec 3<>/dev/tcp/{addr}/8404; printf 'GET /stats;csv HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
+    body = out.split("\r\n\r\n", 1)[1].lstrip("# ")
+    return {r["svname"]: r["status"].split()[0] for r in csv.DictReader(io.StringIO(body))
+            if r["pxname"] == backend and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def wait_backends(c, wanted: dict[str, str], timeout: float = 120, backend: str = "filters_25") -> None:
+    seen: dict[str, str] = {}
+
+    def check(last: bool) -> bool:
+        seen.clear()
+        seen.update(backend_status(c, backend))
+        ok = all(seen.get(k) == v for k, v in wanted.items())
+        if last and not ok:
+            raise AssertionError(f"HAProxy reports {seen} in {backend}, expected {wanted}")
+        return ok
+
+    retry(check, timeout=timeout, interval=2)
+
+
+def message(rcpt: str, token: str, extra: str = "") -> str:
+    return (f"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
+            f"Date: {email.utils.formatdate()}\r\n"
+            f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n{extra}")
+
+
+def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org") -> list[str]:
+    """One SMTP session from the host to the frontend's port 25; returns the tokens that
+    were acknowledged with 250."""
+    acked = []
+    with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname=helo, timeout=180) as s:
+        for rcpt, token in messages:
+            s.sendmail("sender@example.org", [rcpt], message(rcpt, token))
+            acked.append(token)
+    return acked
+
+
+def send_in_sessions(c, messages, per_session: int) -> list[str]:
+    acked = []
+    for i in range(0, len(messages), per_session):
+        acked += send(c, messages[i:i + per_session])
+    return acked
+
+
+def mailbox_tokens(c, store: str = "store1") -> list[str]:
+    return [t for user in USERS for t in imap_tokens(c[store], c.secrets, user)]
+
+
+def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300, store: str = "store1") -> list[str]:
+    """Poll `store`'s mailboxes until every token is there; returns everything found."""
+    found: list[str] = []
+
+    def check(last: bool) -> bool:
+        found[:] = mailbox_tokens(c, store)
+        missing = set(tokens) - set(found)
+        if last and missing:
+            filters = [n for n, m in c.machines.items() if m.spec.image == c.images["filter"] and m.process.running]
+            queues = "\n".join(f"{n}: " + c[n].execute("postqueue -p | tail -15")[1] for n in filters)
+            raise AssertionError(f"{len(missing)} of {len(tokens)} messages never reached {store}'s mailboxes;"
+                                 f" filter queues:\n{queues}")
+        return not missing
+
+    retry(check, timeout=timeout, interval=5)
+    return found

@@ -4,9 +4,6 @@ a dead filter costs nothing, and mail waits on the filters while the mailstore i
 from __future__ import annotations
 
 import concurrent.futures
-import csv
-import email.utils
-import io
 import re
 import smtplib
 import socket
@@ -17,7 +14,8 @@ import pytest
 from appliance.qemu import USER_NET_HOST
 from appliance.vm import Machine, subtest
 from appliance.wait import retry
-from tests.vm.mail import USERS, imap_tokens, new_tokens, wait_mail_up
+from tests.vm.mail import (USERS, message, new_tokens, send, send_in_sessions,
+                           wait_backends, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -38,74 +36,6 @@ def cluster(mail_cluster):
 
 
 # ---- helpers -------------------------------------------------------------------------
-def backend_status(c) -> dict[str, str]:
-    """HAProxy's view of each filter, read from the stats endpoint on the admin network."""
-    fe = c["fe1"]
-    addr = c.site.node("fe1").address
-    out = fe.succeed(f"exec 3<>/dev/tcp/{addr}/8404; printf 'GET /stats;csv HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
-    body = out.split("\r\n\r\n", 1)[1].lstrip("# ")
-    return {r["svname"]: r["status"].split()[0] for r in csv.DictReader(io.StringIO(body))
-            if r["pxname"] == "filters_25" and r["svname"] not in ("FRONTEND", "BACKEND")}
-
-
-def wait_backends(c, wanted: dict[str, str], timeout: float = 120) -> None:
-    seen: dict[str, str] = {}
-
-    def check(last: bool) -> bool:
-        seen.update(backend_status(c))
-        ok = all(seen.get(k) == v for k, v in wanted.items())
-        if last and not ok:
-            raise AssertionError(f"HAProxy reports {seen}, expected {wanted}")
-        return ok
-
-    retry(check, timeout=timeout, interval=2)
-
-
-def message(rcpt: str, token: str, extra: str = "") -> str:
-    return (f"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
-            f"Date: {email.utils.formatdate()}\r\n"
-            f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n{extra}")
-
-
-def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org") -> list[str]:
-    """One SMTP session from the host to the frontend's port 25; returns the tokens that
-    were acknowledged with 250."""
-    acked = []
-    with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname=helo, timeout=180) as s:
-        for rcpt, token in messages:
-            s.sendmail("sender@example.org", [rcpt], message(rcpt, token))
-            acked.append(token)
-    return acked
-
-
-def send_in_sessions(c, messages, per_session: int) -> list[str]:
-    acked = []
-    for i in range(0, len(messages), per_session):
-        acked += send(c, messages[i:i + per_session])
-    return acked
-
-
-def mailbox_tokens(c) -> list[str]:
-    return [t for user in USERS for t in imap_tokens(c["store1"], c.secrets, user)]
-
-
-def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300) -> list[str]:
-    """Poll the mailboxes until every token is there; returns everything found."""
-    found: list[str] = []
-
-    def check(last: bool) -> bool:
-        found[:] = mailbox_tokens(c)
-        missing = set(tokens) - set(found)
-        if last and missing:
-            queues = "\n".join(f"{n}: " + c[n].execute("postqueue -p | tail -15")[1] for n in FILTERS)
-            raise AssertionError(f"{len(missing)} of {len(tokens)} messages never reached a mailbox;"
-                                 f" filter queues:\n{queues}")
-        return not missing
-
-    retry(check, timeout=timeout, interval=5)
-    return found
-
-
 def message_log(journal: str, token: str) -> str:
     """The journal lines (Postfix's and rspamd's) for the message carrying `token`."""
     qids = set(re.findall(r"([0-9A-F]{6,}): message-id=<" + token, journal))

@@ -1,0 +1,68 @@
+# Cluster membership, shared by the identity check, the join handler and the appliers.
+#
+# /var/lib/mailcluster/members is the node's view of the cluster. It starts as the
+# mailcluster.peers credential (the site's nodes when the credentials were made) and
+# changes only through authenticated announcements (join-request). One record per line:
+#   node NAME ROLE ADDRESS STATE    STATE: active | standby (a backup mailstore)
+#   user ADDRESS MAILSTORE          where the filters deliver ADDRESS's mail
+#   backup PRIMARY BACKUP           who keeps PRIMARY's encrypted backups
+# shellcheck shell=bash
+
+# (Overridable so that tests can run these scripts against a scratch directory.)
+MC_STATE=${MC_STATE:-/var/lib/mailcluster}
+MEMBERS=$MC_STATE/members
+MC_ROLE=${MC_ROLE:-$(cat /usr/lib/mailcluster/role)}
+
+valid_name() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
+valid_role() { [[ $1 == frontend || $1 == filter || $1 == mailstore ]]; }
+valid_state() { [[ $1 == active || $1 == standby ]]; }
+valid_user() { [[ $1 =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; }
+valid_ipv4() {
+	[[ $1 =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
+	local o
+	for o in "${BASH_REMATCH[@]:1}"; do ((10#$o <= 255)) || return 1; done
+}
+
+# check_record FIELD...: empty output if the record is well formed, else what is wrong.
+check_record() {
+	case ${1:-} in
+	node)
+		(($# == 5)) || { echo "a node record has 5 fields (node NAME ROLE ADDRESS STATE), not $#"; return; }
+		valid_name "$2" || { echo "bad node name '$2'"; return; }
+		valid_role "$3" || { echo "bad role '$3' (frontend, filter or mailstore)"; return; }
+		valid_ipv4 "$4" || { echo "bad IPv4 address '$4'"; return; }
+		valid_state "$5" || echo "bad state '$5' (active or standby)" ;;
+	user)
+		(($# == 3)) || { echo "a user record has 3 fields (user ADDRESS MAILSTORE), not $#"; return; }
+		valid_user "$2" || { echo "bad mail address '$2'"; return; }
+		valid_name "$3" || echo "bad mailstore name '$3'" ;;
+	backup)
+		(($# == 3)) || { echo "a backup record has 3 fields (backup PRIMARY BACKUP), not $#"; return; }
+		valid_name "$2" && valid_name "$3" || echo "bad node name in '$*'" ;;
+	*) echo "unknown record type '${1:-}'" ;;
+	esac
+}
+
+# check_members FILE: prints "line N: problem" for the first bad line and fails.
+check_members() {
+	local n=0 line problem
+	while IFS= read -r line || [[ -n $line ]]; do
+		n=$((n + 1))
+		[[ -z ${line// /} || $line == \#* ]] && continue
+		# shellcheck disable=SC2086  # fields are split on purpose
+		problem=$(check_record $line)
+		[[ -z $problem ]] || { echo "line $n: $problem"; return 1; }
+	done <"$1"
+}
+
+# nodes ROLE [STATE]: "NAME ADDRESS" of each member with that role (and state)
+nodes() { awk -v r="$1" -v s="${2:-}" '$1 == "node" && $3 == r && (s == "" || $5 == s) { print $2, $4 }' "$MEMBERS" | sort; }
+# addresses ROLE [STATE]: just the addresses
+addresses() { nodes "$@" | awk '{ print $2 }'; }
+address_of() { awk -v n="$1" '$1 == "node" && $2 == n { print $4 }' "$MEMBERS"; }
+self_name() { awk '{ print $1 }' "$MC_STATE/identity"; }
+
+# replace_members SCRIPT: rewrites the members file through awk SCRIPT, atomically.
+replace_members() {
+	awk "$@" "$MEMBERS" >"$MEMBERS.new" && mv "$MEMBERS.new" "$MEMBERS"
+}

@@ -1,0 +1,71 @@
+"""The join handler (sshd ForceCommand for the cluster's join key), run on the host
+against a scratch state directory: a node may only speak for itself, and nothing
+malformed reaches the queue that root applies."""
+import os
+import subprocess
+
+import pytest
+
+from appliance import paths
+
+BASE = paths.OVERLAYS / "10-base"
+HANDLER = BASE / "usr/libexec/mailcluster/join-request"
+
+MEMBERS = """\
+node fe1 frontend 10.77.0.10 active
+node filter1 filter 10.77.0.21 active
+node store1 mailstore 10.77.0.31 active
+node store2 mailstore 10.77.0.32 standby
+user alice@example.test store1
+backup store1 store2
+"""
+
+
+@pytest.fixture
+def state(tmp_path):
+    for d in ("inbox", "inbox.tmp"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "members").write_text(MEMBERS)
+    (tmp_path / "identity").write_text("fe1 frontend 10.77.0.10\n")
+    return tmp_path
+
+
+def request(state, text: str, source: str):
+    env = {**os.environ, "MC_STATE": str(state), "MC_ROLE": "frontend", "MC_LIB": str(BASE / "usr/lib/mailcluster"),
+           "SSH_CONNECTION": f"{source} 40000 10.77.0.10 22", "SSH_ORIGINAL_COMMAND": text}
+    r = subprocess.run(["bash", str(HANDLER)], env=env, capture_output=True, text=True)
+    queued = [p.read_text() for p in sorted((state / "inbox").iterdir())]
+    return r, queued
+
+
+def test_a_node_joins_for_itself(state):
+    r, queued = request(state, "join filter3 filter 10.77.0.23 active", "10.77.0.23")
+    assert r.returncode == 0 and r.stdout.startswith("ok: queued on fe1"), r
+    assert queued == ["10.77.0.23 join filter3 filter 10.77.0.23 active\n"]
+    r, queued = request(state, "join store3 mailstore 10.77.0.33 active dave@example.test,erin@example.test", "10.77.0.33")
+    assert r.returncode == 0 and len(queued) == 2
+
+
+@pytest.mark.parametrize("text,source,why", [
+    ("join filter3 filter 10.77.0.23 active", "10.77.0.99", "claims address 10.77.0.23 but connects from 10.77.0.99"),
+    ("join filter3 webmail 10.77.0.23 active", "10.77.0.23", "bad role 'webmail'"),
+    ("join Filter_3 filter 10.77.0.23 active", "10.77.0.23", "bad node name"),
+    ("join filter3 filter 10.77.0.300 active", "10.77.0.300", "bad IPv4 address"),
+    ("join filter3 filter 10.77.0.23 active alice@example.test", "10.77.0.23", "only mailstores serve users"),
+    ("join store3 mailstore 10.77.0.33 active a@b;reboot", "10.77.0.33", "bad mail address"),
+    ("takeover store2 store1", "10.77.0.66", "store2 is not a member at 10.77.0.66"),
+    ("takeover filter1 store1", "10.77.0.21", "filter1 is not a mailstore"),
+    ("forget fe1", "10.77.0.21", "cannot be told to forget itself"),
+    ("forget store1", "192.0.2.1", "192.0.2.1 is not a member"),
+    ("sh -c id", "10.77.0.21", "unknown request 'sh'"),
+])
+def test_refused_requests_name_the_problem_and_queue_nothing(state, text, source, why):
+    r, queued = request(state, text, source)
+    assert r.returncode == 1 and why in r.stdout, r
+    assert queued == []
+
+
+def test_a_takeover_comes_from_the_backup_itself(state):
+    r, queued = request(state, "takeover store2 store1", "10.77.0.32")
+    assert r.returncode == 0, r
+    assert queued == ["10.77.0.32 takeover store2 store1\n"]

@@ -1,0 +1,155 @@
+"""Backups and fail-over: store1 pushes its eCryptfs ciphertext to store2 as dated,
+hard-linked snapshots; when store1 is lost, store2 takes over with store1's key and
+every acknowledged message is there. Runs last on the shared cluster: it ends with
+store1 gone and store2 serving its users."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from appliance.credentials import ssh_key
+from appliance.vm import subtest
+from tests.conftest import _live
+from tests.vm.mail import (USERS, imap_tokens, new_tokens, send, smtp_send, wait_delivered, wait_in_mailboxes,
+                           wait_mail_up)
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+
+SNAPSHOTS = "/srv/mail/backups/store1"
+
+
+@pytest.fixture(scope="module")
+def cluster(mail_cluster):
+    c = mail_cluster
+    wait_mail_up(c["store1"])
+    c["store1"].succeed("doveadm expunge -A mailbox '*' all")
+    return c
+
+
+@pytest.fixture(scope="module")
+def store2(cluster):
+    m = cluster.machine(cluster.site.node("store2"))
+    _live.append(m)
+    return m
+
+
+def deliver(c, n: int) -> list[tuple[str, str]]:
+    msgs = new_tokens(n)
+    acked = smtp_send(c["filter1"], str(c.site.node("store1").address), msgs)
+    assert acked == [t for _, t in msgs]
+    wait_delivered(c["store1"])
+    return msgs
+
+
+def backup(c) -> dict:
+    """One backup run on store1: the snapshot's name and what rsync sent."""
+    store1 = c["store1"]
+    since = store1.succeed("date +%s").strip()
+    rc, out = store1.execute("systemctl start mailcluster-backup.service", timeout=900)
+    log = store1.succeed(f"journalctl --no-pager -o cat -u mailcluster-backup.service --since @{since}")
+    assert rc == 0, f"backup failed:\n{log}"
+    snap = re.findall(r"snapshot (\S+) complete on store2", log)
+    sent = re.findall(r"Total bytes sent: ([0-9]+)", log)
+    files = re.findall(r"Number of regular files transferred: ([0-9]+)", log)
+    assert snap and sent and files, log
+    return {"snapshot": snap[-1], "bytes": int(sent[-1]), "files": int(files[-1])}
+
+
+def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
+    # store2 comes up holding a different secret for store1 than store1 has.
+    store2.spec.credentials["mailcluster.pairing-key.store1"] = ssh_key("not store1's pairing secret").encode()
+    store2.start()
+    wait_mail_up(store2)
+    store1 = cluster["store1"]
+    store1.succeed("systemctl restart mailcluster-backup-pair.service || true")
+    store1.wait_until_succeeds("systemctl is-failed -q mailcluster-backup-pair.service", timeout=180)
+    log = store1.journal("mailcluster-backup-pair.service")
+    assert "pairing with backup store2 (10.77.0.32) refused" in log and "pairing secret" in log, log
+    rc, _ = store1.execute("systemctl start mailcluster-backup.service")
+    assert rc != 0, "a backup ran without a pairing"
+    assert "not paired with backup store2" in store1.journal("mailcluster-backup.service")
+    assert store2.succeed(f"find {SNAPSHOTS} -mindepth 1 | wc -l").strip() == "0"
+
+
+def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, delivered_twice):
+    _, _, (one, two) = delivered_twice
+    print(f"\nbackup of 100 messages: {one['bytes']} bytes in {one['files']} files; "
+          f"after 50 more: {two['bytes']} bytes in {two['files']} files", flush=True)
+    # eCryptfs stores each sdbox message as its own file (>= 12 KiB of ciphertext): the
+    # second run sends the 50 new ones and the few index files that changed.
+    assert 50 <= two["files"] <= 50 + 20, two
+    assert two["bytes"] < one["bytes"] * 0.65, (one, two)
+    snaps = store2.succeed(f"ls {SNAPSHOTS}").split()
+    assert {one["snapshot"], two["snapshot"], "latest"} <= set(snaps), snaps
+    assert store2.succeed(f"readlink {SNAPSHOTS}/latest").strip() == two["snapshot"]
+    a, b = (f"{SNAPSHOTS}/{x['snapshot']}" for x in (one, two))
+    # Every file of the first snapshot that the second holds unchanged is the same inode.
+    verdicts = store2.succeed(
+        f"cd {a} && find crypt -type f | while read -r f; do "
+        f"if [ -f '{b}'/\"$f\" ] && cmp -s \"$f\" '{b}'/\"$f\"; then "
+        f"if [ \"$f\" -ef '{b}'/\"$f\" ]; then echo linked; else echo copied; fi; fi; done | sort | uniq -c")
+    counts = {w: int(n) for n, w in (line.split() for line in verdicts.splitlines())}
+    assert counts.get("copied", 0) == 0 and counts.get("linked", 0) >= 100, counts
+    # ciphertext only: names are eCryptfs-encrypted, and no file holds a message token
+    assert store2.succeed(f"ls {a}/crypt | grep -cv '^ECRYPTFS_FNEK_ENCRYPTED' || true").strip() == "0"
+
+
+@pytest.fixture(scope="module")
+def delivered_twice(cluster, store2):
+    # The operator corrects store2's credentials and reboots it.
+    store2.spec.credentials.update(cluster.credentials(cluster.site.node("store2")))
+    if store2.process.running:
+        store2.shutdown()
+    store2.start()
+    wait_mail_up(store2)
+    store1 = cluster["store1"]
+    store1.succeed("systemctl reset-failed mailcluster-backup.service mailcluster-backup-pair.service;"
+                   " systemctl restart mailcluster-backup-pair.service")
+    store1.wait_for_unit("mailcluster-backup-pair.service", timeout=120)
+    first = deliver(cluster, 100)
+    one = backup(cluster)
+    second = deliver(cluster, 50)
+    two = backup(cluster)
+    return first, second, (one, two)
+
+
+def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_twice, secrets):
+    first, second, _ = delivered_twice
+    cluster["store1"].crash()
+    key = secrets.mailstore_key("store1")
+    out = store2.succeed(f"mailcluster-takeover store1 - <<'EOF'\n{key}\nEOF", timeout=900)
+    assert "store2 now serves store1's users" in out, out
+    for user in USERS:
+        expected = sorted(t for u, t in first + second if u == user)
+        assert sorted(imap_tokens(store2, secrets, user)) == expected, user
+
+    with subtest("new mail through the frontend lands on store2"):
+        for name in ("filter1", "filter2"):
+            cluster[name].wait_until_succeeds("grep -q 'relay:\\[10.77.0.32\\]' /etc/postfix/transport", timeout=120)
+        later = new_tokens(3)
+        assert send(cluster, later) == [t for _, t in later]
+        wait_in_mailboxes(cluster, [t for _, t in later], store="store2")
+
+
+def test_no_plaintext_anywhere_on_the_backups_disk(cluster, store2, delivered_twice, tmp_path):
+    """Read store2's whole disk as raw bytes on the host: backups, then a takeover that
+    served the same mail over IMAP, and still no message token in plaintext."""
+    first, second, (one, _) = delivered_twice
+    store2.shutdown()  # last test on the shared cluster: QEMU flushes the disk on exit
+    raw = tmp_path / "store2.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(store2.spec.disk), str(raw)], check=True)
+    wanted = {t.encode() for _, t in first + second}
+    pattern = re.compile(rb"tok[0-9a-f]{24}")
+    found: set[bytes] = set()
+    control = 0
+    with open(raw, "rb") as fh:
+        while data := fh.read(64 << 20):
+            found |= set(pattern.findall(data)) & wanted
+            control += data.count(one["snapshot"].encode())
+            if len(data) == 64 << 20:
+                fh.seek(-64, 1)  # a token split across two reads is seen by the next
+    raw.unlink()
+    assert control > 0, "the scan did not see the backup's own snapshot names (ext4 metadata)"
+    assert not found, f"{len(found)} message tokens in plaintext on store2's disk"
