@@ -107,7 +107,7 @@ def delivered_twice(cluster, store2):
     store1 = cluster["store1"]
     store1.succeed("systemctl reset-failed mailcluster-backup.service mailcluster-backup-pair.service;"
                    " systemctl restart mailcluster-backup-pair.service")
-    store1.wait_for_unit("mailcluster-backup-pair.service", timeout=120)
+    store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
     first = deliver(cluster, 100)
     one = backup(cluster)
     second = deliver(cluster, 50)
