@@ -24,6 +24,8 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
     m.wait_for_boot()  # raises with the failed units' journals if anything failed
     assert m.succeed("hostname").strip() == NODES[role]  # identity from the credential
     for unit in profiles.get(role).services.enable:
+        if m.execute(f"systemctl is-enabled {unit}")[1].strip() == "masked":
+            continue  # the test layer masks the backup timer: tests start each backup
         m.wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
     for name, port in resolved_ports(profiles.compose(role), site).items():
         m.wait_for_open_port(port)
