@@ -5,11 +5,14 @@ import csv
 import email.utils
 import imaplib
 import io
+import json
 import re
 import secrets as pysecrets
 import shlex
 import smtplib
 import ssl
+import subprocess
+from pathlib import Path
 
 from appliance.vm import Machine
 from appliance.wait import retry
@@ -77,6 +80,51 @@ def wait_mail_up(store: Machine) -> None:
         store.wait_for_unit(unit)
     store.wait_for_open_port(25)
     store.wait_for_open_port(143)
+
+
+def deliver(c, n: int, store: str = "store1") -> list[tuple[str, str]]:
+    """n distinct messages to several users, sent straight to `store` from filter1's
+    address; returns them once the store's queue is empty."""
+    msgs = new_tokens(n)
+    acked = smtp_send(c["filter1"], str(c.site.node(store).address), msgs)
+    assert acked == [t for _, t in msgs]
+    wait_delivered(c[store])
+    return msgs
+
+
+def scan_disk(m: Machine, tmp_path: Path, tokens: list[str], control: bytes,
+              partition: str | None = None) -> tuple[set[str], int]:
+    """Read the stopped node's disk (or one partition of it, by label) as raw bytes on
+    the host. Returns which message tokens it holds in plaintext, and how often
+    `control` occurs: a string known to be there, proving the scan reads real data."""
+    raw = tmp_path / f"{m.name}.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(m.spec.disk), str(raw)], check=True)
+    start, size = 0, raw.stat().st_size
+    if partition:
+        table = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], capture_output=True, text=True,
+                                          check=True).stdout)["partitiontable"]
+        sector = table.get("sectorsize", 512)
+        part = next(p for p in table["partitions"] if p.get("name") == partition)
+        start, size = part["start"] * sector, part["size"] * sector
+    wanted = {t.encode() for t in tokens}
+    pattern = re.compile(rb"tok[0-9a-f]{24}")
+    found: set[bytes] = set()
+    count = 0
+    chunk, overlap = 64 << 20, 64  # the overlap catches a token split across two reads
+    try:
+        with open(raw, "rb") as fh:
+            done = 0
+            while done < size:
+                fh.seek(start + done)
+                data = fh.read(min(chunk + overlap, size - done))
+                if not data:
+                    break
+                found |= set(pattern.findall(data)) & wanted
+                count += data.count(control)
+                done += chunk
+    finally:
+        raw.unlink()
+    return {f.decode() for f in found}, count
 
 
 def wait_delivered(store: Machine) -> None:

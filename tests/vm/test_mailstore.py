@@ -4,15 +4,12 @@ data partition. Without its key it stays shut."""
 from __future__ import annotations
 
 import imaplib
-import json
-import subprocess
-import re
 import ssl
 
 import pytest
 
-from appliance.vm import Machine, subtest
-from tests.vm.mail import (USERS, imap_tokens, new_tokens, smtp_send, wait_delivered,
+from appliance.vm import subtest
+from tests.vm.mail import (USERS, deliver, imap_tokens, new_tokens, scan_disk, smtp_send, wait_delivered,
                            wait_mail_up)
 
 # One xdist group: guests of different modules never compete for the 2 cores.
@@ -33,13 +30,9 @@ def cluster(mail_cluster):
 
 
 @pytest.fixture(scope="module")
-def delivered(cluster, site):
+def delivered(cluster):
     """200 distinct messages to several users, sent from a filter's address."""
-    msgs = new_tokens(200)
-    acked = smtp_send(cluster["filter1"], str(site.node("store1").address), msgs)
-    assert acked == [t for _, t in msgs]
-    wait_delivered(cluster["store1"])
-    return msgs
+    return deliver(cluster, 200)
 
 
 def test_plaintext_login_refused_and_wrong_password_fails(cluster, secrets):
@@ -74,42 +67,13 @@ def test_no_plaintext_in_lower_directory_or_on_the_raw_partition(cluster, delive
     with subtest("no token anywhere on the data partition, read as raw bytes"):
         store.shutdown()  # QEMU flushes everything to the disk file on exit
         try:
-            found, control = scan_data_partition(store, tmp_path, delivered)
+            # control: a file name on the partition, stored in plaintext ext4 metadata
+            found, control = scan_disk(store, tmp_path, [t for _, t in delivered], b"key-signature", "mail-data")
         finally:
             store.start()
             wait_mail_up(store)
         assert control > 0, "the scan did not see the partition's plaintext metadata"
         assert found == set(), f"plaintext tokens on the raw data partition: {sorted(found)[:5]}"
-
-
-def scan_data_partition(m: Machine, tmp_path, delivered) -> tuple[set[str], int]:
-    """Read the stopped node's mail-data partition from its disk as raw bytes, on the host.
-    Returns the message tokens found and the count of a control string (a file name on
-    the partition, stored in plaintext ext4 metadata)."""
-    raw = tmp_path / "disk.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(m.spec.disk), str(raw)], check=True)
-    table = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], capture_output=True, text=True, check=True).stdout)
-    sector = table["partitiontable"].get("sectorsize", 512)
-    part = next(p for p in table["partitiontable"]["partitions"] if p.get("name") == "mail-data")
-    start, size = part["start"] * sector, part["size"] * sector
-    wanted = {t.encode() for _, t in delivered}
-    pattern = re.compile(rb"tok[0-9a-f]{24}")
-    found: set[bytes] = set()
-    control = 0
-    chunk, overlap = 64 << 20, 64
-    with open(raw, "rb") as fh:
-        fh.seek(start)
-        done = 0
-        while done < size:
-            data = fh.read(min(chunk + overlap, size - done))
-            if not data:
-                break
-            found |= set(pattern.findall(data)) & wanted
-            control += data.count(b"key-signature")
-            done += chunk
-            fh.seek(start + done)
-    raw.unlink()
-    return {f.decode() for f in found}, control
 
 
 def test_mail_survives_a_clean_reboot(cluster, secrets, delivered):

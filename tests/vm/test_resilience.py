@@ -5,14 +5,13 @@ store1 gone and store2 serving its users."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
 from appliance.credentials import ssh_key
 from appliance.vm import subtest
 from tests.conftest import _live
-from tests.vm.mail import (USERS, imap_tokens, new_tokens, send, smtp_send, wait_delivered, wait_in_mailboxes,
+from tests.vm.mail import (USERS, deliver, imap_tokens, new_tokens, scan_disk, send, wait_in_mailboxes,
                            wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -33,14 +32,6 @@ def store2(cluster):
     m = cluster.machine(cluster.site.node("store2"))
     _live.append(m)
     return m
-
-
-def deliver(c, n: int) -> list[tuple[str, str]]:
-    msgs = new_tokens(n)
-    acked = smtp_send(c["filter1"], str(c.site.node("store1").address), msgs)
-    assert acked == [t for _, t in msgs]
-    wait_delivered(c["store1"])
-    return msgs
 
 
 def backup(c) -> dict:
@@ -138,18 +129,6 @@ def test_no_plaintext_anywhere_on_the_backups_disk(cluster, store2, delivered_tw
     served the same mail over IMAP, and still no message token in plaintext."""
     first, second, (one, _) = delivered_twice
     store2.shutdown()  # last test on the shared cluster: QEMU flushes the disk on exit
-    raw = tmp_path / "store2.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(store2.spec.disk), str(raw)], check=True)
-    wanted = {t.encode() for _, t in first + second}
-    pattern = re.compile(rb"tok[0-9a-f]{24}")
-    found: set[bytes] = set()
-    control = 0
-    with open(raw, "rb") as fh:
-        while data := fh.read(64 << 20):
-            found |= set(pattern.findall(data)) & wanted
-            control += data.count(one["snapshot"].encode())
-            if len(data) == 64 << 20:
-                fh.seek(-64, 1)  # a token split across two reads is seen by the next
-    raw.unlink()
+    found, control = scan_disk(store2, tmp_path, [t for _, t in first + second], one["snapshot"].encode())
     assert control > 0, "the scan did not see the backup's own snapshot names (ext4 metadata)"
     assert not found, f"{len(found)} message tokens in plaintext on store2's disk"

@@ -61,6 +61,23 @@ nodes() { awk -v r="$1" -v s="${2:-}" '$1 == "node" && $3 == r && (s == "" || $5
 addresses() { nodes "$@" | awk '{ print $2 }'; }
 address_of() { awk -v n="$1" '$1 == "node" && $2 == n { print $4 }' "$MEMBERS"; }
 self_name() { awk '{ print $1 }' "$MC_STATE/identity"; }
+state_of() { awk -v n="$1" '$1 == "node" && $2 == n { print $5 }' "$MEMBERS"; }
+# backup_of PRIMARY: the node that keeps PRIMARY's backups (empty if none)
+backup_of() { awk -v p="$1" '$1 == "backup" && $2 == p { print $3 }' "$MEMBERS"; }
+
+# set_node NAME ROLE ADDRESS STATE: NAME as it is now, replacing any record with its
+# name or its address.
+set_node() {
+	replace_members -v n="$1" -v a="$3" '!($1 == "node" && ($2 == n || $4 == a))'
+	echo "node $1 $2 $3 $4" >>"$MEMBERS"
+}
+
+# back_off: sleep for $delay seconds, then double it, up to 5 minutes. For scripts that
+# retry a peer themselves (Type=exec services), so that boot-up never waits on them.
+back_off() {
+	sleep "$delay"
+	delay=$((delay < 300 ? delay * 2 : 300))
+}
 
 # replace_members SCRIPT: rewrites the members file through awk SCRIPT, atomically.
 replace_members() {
