@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import _live
-from tests.vm.mail import new_tokens, send_in_sessions, wait_backends, wait_in_mailboxes, wait_mail_up
+from tests.vm.mail import (backend_status, new_tokens, send_in_sessions, wait_backends, wait_in_mailboxes,
+                           wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -81,3 +82,22 @@ def test_a_filter_added_later_joins_without_touching_the_others(cluster, grown_s
     handled = [t for _, t in batch if f"message-id=<{t}@" in log]
     assert handled, "filter3 is UP in HAProxy but handled none of 9 sessions"
     assert boot_ids(cluster, others) == before, "a running node was rebooted"
+
+
+def test_a_node_removed_from_the_site_is_forgotten_everywhere(cluster, site):
+    """filter3 leaves the site: powered off, then forgotten from one member; every node
+    drops it (the frontend's HAProxy no longer lists it, no firewall admits it)."""
+    gone = cluster["filter3"]
+    gone.shutdown()
+    out = cluster["filter1"].fail("mailcluster-forget store1")
+    assert "store1 still serves" in out and "nothing changed" in out, out
+    cluster["filter1"].succeed("mailcluster-forget filter3")
+    for name in ("fe1", "filter1", "filter2", "store1"):
+        cluster[name].wait_until_succeeds("! grep -q ' filter3 ' /var/lib/mailcluster/members", timeout=300)
+        assert NEW["address"] not in cluster[name].succeed("nft list set inet filter filters"), name
+    assert "filter3" not in cluster["fe1"].succeed("cat /etc/haproxy/haproxy.cfg")
+    assert set(backend_status(cluster)) == {"filter1", "filter2"}
+    # What is left still carries mail.
+    batch = new_tokens(2)
+    send_in_sessions(cluster, batch, per_session=1)
+    wait_in_mailboxes(cluster, [t for _, t in batch])
