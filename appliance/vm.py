@@ -56,14 +56,15 @@ class Machine:
         self._booted_once = False
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self, boot_timeout: float = 300, wait: bool = True) -> None:
+    def start(self, boot_timeout: float = 300, wait: bool = True, fresh: bool = False) -> None:
         """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent.
 
         wait=False returns once QEMU runs, so several guests can boot at once; then
-        call wait_started()."""
+        call wait_started(). fresh=True boots a new disk made from the image: the node
+        rebuilt, with the same credentials."""
         if self.process.running:
             return
-        qemu.prepare(self.spec, fresh=not self._booted_once)
+        qemu.prepare(self.spec, fresh=fresh or not self._booted_once)
         self._booted_once = True
         log(f"{self.name}: starting ({self.spec.image.name})")
         self.process.start()

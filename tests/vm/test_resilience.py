@@ -1,7 +1,7 @@
 """Backups and fail-over: store1 pushes its eCryptfs ciphertext to store2 as dated,
 hard-linked snapshots; when store1 is lost, store2 takes over with store1's key and
 every acknowledged message is there. Runs last on the shared cluster: it ends with
-store1 gone and store2 serving its users."""
+store1 rebuilt and restored from store2, and store2 shut down."""
 from __future__ import annotations
 
 import re
@@ -11,8 +11,8 @@ import pytest
 from appliance.credentials import ssh_key
 from appliance.vm import subtest
 from tests.conftest import _live
-from tests.vm.mail import (USERS, deliver, imap_tokens, new_tokens, scan_disk, send, wait_in_mailboxes,
-                           wait_mail_up)
+from tests.vm.mail import (USERS, deliver, imap_tokens, mailbox_tokens, new_tokens, scan_disk, send,
+                           wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -122,6 +122,44 @@ def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_t
         later = new_tokens(3)
         assert send(cluster, later) == [t for _, t in later]
         wait_in_mailboxes(cluster, [t for _, t in later], store="store2")
+
+
+def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivered_twice):
+    """store1 comes back on a new disk with its old credentials; mailcluster-restore on
+    store2 hands it every message store2 holds for it, mail goes to store1 again, store2
+    returns to standby, and store1's backups carry on from what store2 handed back."""
+    served = sorted(mailbox_tokens(cluster, "store2"))
+    _, second, _ = delivered_twice
+    assert set(t for _, t in second) <= set(served), "store2 does not serve store1's mail: no fail-over to undo"
+    store1 = cluster["store1"]
+    store1.start(fresh=True)
+    wait_mail_up(store1)
+    store2.wait_until_succeeds("grep -qx 'node store1 mailstore 10.77.0.31 active' /var/lib/mailcluster/members",
+                               timeout=300)
+    snaps_before = store2.succeed(f"ls {SNAPSHOTS}").split()
+    out = store2.succeed("mailcluster-restore store1", timeout=1200)
+    assert "store1 serves its users again" in out and "store2 is back to standby" in out, out
+    wait_mail_up(store1)
+    assert sorted(mailbox_tokens(cluster, "store1")) == served
+
+    with subtest("new mail through the frontend lands on store1 again"):
+        for name in ("filter1", "filter2"):
+            cluster[name].wait_until_succeeds("grep -q 'relay:\\[10.77.0.31\\]' /etc/postfix/transport", timeout=120)
+        later = new_tokens(3)
+        assert send(cluster, later) == [t for _, t in later]
+        wait_in_mailboxes(cluster, [t for _, t in later], store="store1")
+
+    with subtest("store2 is back to standby, with what it served kept as a snapshot"):
+        store2.fail("test -e /etc/credstore.encrypted/mailcluster.takeover-key")
+        assert store2.succeed("systemctl is-active mailcluster-mailcrypt.service dovecot.service").split() == ["active"] * 2
+        assert mailbox_tokens(cluster, "store2") == []
+        snaps_after = store2.succeed(f"ls {SNAPSHOTS}").split()
+        assert len(set(snaps_after) - set(snaps_before)) == 1, (snaps_before, snaps_after)
+
+    with subtest("store1's next backup sends only what changed since the hand-back"):
+        store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
+        run = backup(cluster)
+        assert run["files"] <= 3 + 20, run
 
 
 def test_no_plaintext_anywhere_on_the_backups_disk(cluster, store2, delivered_twice, tmp_path):

@@ -1,0 +1,23 @@
+# Swapping the mail store under /srv/mail, shared by mailcluster-takeover (a backup
+# takes its primary's store) and restore-apply (a rebuilt primary gets its store back).
+# shellcheck shell=bash
+
+# set_store_aside WHY: moves this node's store (crypt/ and key-signature) into
+# /srv/mail/WHY-STAMP, kept rather than deleted, and prints that directory.
+set_store_aside() {
+	local aside
+	aside=/srv/mail/$1-$(date -u +%Y%m%dT%H%M%SZ)
+	mkdir "$aside" || return 1
+	if [[ -e /srv/mail/crypt ]]; then mv /srv/mail/crypt "$aside/" || return 1; fi
+	if [[ -e /srv/mail/key-signature ]]; then mv /srv/mail/key-signature "$aside/" || return 1; fi
+	echo "$aside"
+}
+
+# install_store DIR: DIR's crypt/ and key-signature, as mcbackup received them, become
+# this node's store. A copy, not hard links: Dovecot updates index files in place, and
+# DIR stays as it was. Owners and modes come back from the xattrs that mcbackup kept
+# them in (--fake-super).
+install_store() {
+	rsync -a --numeric-ids --fake-super -M--super "$1/crypt/" /srv/mail/crypt/ &&
+		rsync -a --numeric-ids --fake-super -M--super "$1/key-signature" /srv/mail/key-signature
+}
