@@ -49,15 +49,23 @@ def backup(c) -> dict:
 
 
 def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
-    # store2 comes up holding a different secret for store1 than store1 has.
-    store2.spec.credentials["mailcluster.pairing-key.store1"] = ssh_key("not store1's pairing secret").encode()
+    store1 = cluster["store1"]
+    # store1's pairing retries until store2 is up: held, so that the first attempt store2
+    # sees is one with a secret that is not the pair's.
+    store1.succeed("systemctl stop mailcluster-backup-pair.service")
     store2.start()
     wait_mail_up(store2)
-    store1 = cluster["store1"]
-    store1.succeed("systemctl restart mailcluster-backup-pair.service || true")
-    store1.wait_until_succeeds("systemctl is-failed -q mailcluster-backup-pair.service", timeout=180)
-    log = store1.journal("mailcluster-backup-pair.service")
+    wrong = ssh_key("not the pair's secret")
+    store1.succeed(f"install -m 0600 /dev/stdin /run/wrong-pairing-key <<'EOF'\n{wrong}EOF")
+    # The pairing script as its unit runs it, with that secret as its credential.
+    rc, out = store1.execute(
+        "systemd-run --wait --collect --unit=pairing-wrong-secret -p After=network.target "
+        "-p LoadCredential=mailcluster.pairing-key:/run/wrong-pairing-key -p ImportCredential=mailcluster.backup "
+        "/usr/libexec/mailcluster/backup-pair", timeout=300)
+    log = store1.succeed("journalctl --no-pager -o cat -u pairing-wrong-secret")
+    assert rc != 0 and "status=3" in out, out + log
     assert "pairing with backup store2 (10.77.0.32) refused" in log and "pairing secret" in log, log
+    store1.fail("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired")
     rc, _ = store1.execute("systemctl start mailcluster-backup.service")
     assert rc != 0, "a backup ran without a pairing"
     assert "not paired with backup store2" in store1.journal("mailcluster-backup.service")
@@ -89,15 +97,11 @@ def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, de
 
 @pytest.fixture(scope="module")
 def delivered_twice(cluster, store2):
-    # The operator corrects store2's credentials and reboots it.
-    store2.spec.credentials.update(cluster.credentials(cluster.site.node("store2")))
-    if store2.process.running:
-        store2.shutdown()
-    store2.start()
+    store2.start()  # (already up after the wrong-secret test)
     wait_mail_up(store2)
     store1 = cluster["store1"]
-    store1.succeed("systemctl reset-failed mailcluster-backup.service mailcluster-backup-pair.service;"
-                   " systemctl restart mailcluster-backup-pair.service")
+    # The pairing unit itself, with the pair's secret.
+    store1.succeed("systemctl reset-failed mailcluster-backup.service; systemctl start mailcluster-backup-pair.service")
     store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
     first = deliver(cluster, 100)
     one = backup(cluster)
