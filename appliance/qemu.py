@@ -28,6 +28,8 @@ AGENT_PORT_NAME = "org.mailcluster.agent"
 USER_NET = "10.0.2.0/24"  # QEMU's slirp default: the management/forwarding NIC
 # Where connections forwarded from the host appear to come from, inside the guest.
 USER_NET_HOST = "10.0.2.2"
+# No working KVM on these machines (HOST-NOTES.md): software emulation, larger code cache.
+ACCEL = ("-accel", "tcg,tb-size=256")
 
 
 def free_port() -> int:
@@ -88,7 +90,7 @@ def qemu_command(spec: VMSpec) -> list[str]:
         "qemu-system-x86_64",
         "-name", spec.name,
         "-machine", "q35",
-        "-accel", "tcg,tb-size=256",
+        *ACCEL,
         "-cpu", "max",
         "-smp", "2",
         "-m", str(spec.memory_mb),

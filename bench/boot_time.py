@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Figure 3: boot time under TCG: seconds from QEMU start to the SMTP banner (filter, then
+frontend with that filter up behind it) and to the IMAP greeting (mailstore), and
+systemd-analyze's own split (firmware, loader, kernel, initrd, userspace) from inside.
+
+    python3 bench/boot_time.py [--runs 3]
+
+Boots the test-layer images (the release image plus the control agent that reads
+systemd-analyze; nothing else differs), one guest at a time except that the filter keeps
+running while the frontend boots, on a private switch like the tests."""
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from common import log, report, spread
+
+GREETING = {"filter": (25, b"220 "), "frontend": (25, b"220 "), "mailstore": (143, b"* OK")}
+NODES = (("filter", "filter1"), ("frontend", "fe1"), ("mailstore", "store1"))
+
+
+def wait_greeting(port: int, prefix: bytes, timeout: float = 900) -> None:
+    """Poll until a connection to 127.0.0.1:port is greeted with `prefix`. (QEMU accepts
+    forwarded connections before the guest listens and then closes them: retried.)"""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.settimeout(10)
+                data = s.recv(200)
+                if data.startswith(prefix):
+                    return
+                last = repr(data[:80])
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"no {prefix!r} greeting on 127.0.0.1:{port} within {timeout:.0f} s (last: {last})")
+
+
+UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "us": 1e-6}
+
+
+def seconds(text: str) -> float:
+    return sum(float(n) * UNITS[u] for n, u in re.findall(r"([0-9.]+)(min|ms|us|s)\b", text))
+
+
+def analyze(m) -> dict:
+    m.succeed("timeout 600 systemctl is-system-running --wait || true", timeout=700)
+    out = m.succeed("systemd-analyze time")
+    # "Startup finished in 1.2s (firmware) + 300ms (loader) + 2.1s (kernel) + ... = 53.1s"
+    parts = {name: seconds(val) for val, name in re.findall(r"((?:[0-9.]+(?:min|ms|us|s)\s*)+)\((\w+)\)", out)}
+    parts["total"] = seconds(out.split("=", 1)[1].splitlines()[0]) if "=" in out else None
+    return parts
+
+
+@click.command()
+@click.option("--runs", default=3, show_default=True)
+def main(runs: int) -> None:
+    from appliance.credentials import Secrets
+    from appliance.imagebuild import Builder
+    from appliance.profiles import ProfileSet
+    from appliance.site import load_site
+    from appliance import paths
+    from appliance.vm import Cluster
+    from tests.conftest import role_ports
+
+    profiles = ProfileSet.load()
+    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
+    builder = Builder(profiles, site, log=log)
+    images = {r: builder.build(r, ("test",)).raw for r in profiles.roles}
+    greeting: dict[str, list[float]] = {r: [] for r, _ in NODES}
+    inside: dict[str, list[dict]] = {r: [] for r, _ in NODES}
+    with tempfile.TemporaryDirectory(prefix="bench-boot-") as tmp:
+        secrets = Secrets(Path(tmp) / "secrets")
+        for run in range(runs):
+            work = Path(tmp) / f"run{run}"
+            c = Cluster(site, images, work, forwards=lambda n: role_ports(profiles, site, n.role), secrets=secrets)
+            try:
+                for role, name in NODES:
+                    m = c.machine(site.node(name))
+                    port, prefix = GREETING[role]
+                    t0 = time.monotonic()
+                    m.start(wait=False)
+                    wait_greeting(m.forward(port), prefix)
+                    greeting[role].append(time.monotonic() - t0)
+                    m.wait_started()
+                    inside[role].append(analyze(m))
+                    log(f"run {run + 1}: {name} greeted after {greeting[role][-1]:.1f} s; {inside[role][-1]}")
+                    if role == "mailstore":
+                        m.shutdown()
+                c["fe1"].shutdown()
+                c["filter1"].shutdown()
+            finally:
+                c.close()
+    results = {}
+    for role, _ in NODES:
+        keys = [k for k in inside[role][0] if inside[role][0][k] is not None]
+        results[role] = {"greeting_seconds": spread(greeting[role]),
+                         "systemd_analyze_seconds": {k: spread([r[k] for r in inside[role] if r.get(k) is not None])
+                                                     for k in keys}}
+    summary = "; ".join(f"{r}: {v['greeting_seconds']['median']:.0f} s to "
+                        f"{'IMAP greeting' if r == 'mailstore' else 'SMTP banner'}" for r, v in results.items())
+    report("boot-time", results, f"boot under TCG (median of {runs}): {summary}")
+
+
+if __name__ == "__main__":
+    main()

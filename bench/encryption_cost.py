@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Figure 5: what eCryptfs costs: LMTP delivery and mailbox read throughput on the
+encrypted mail store against a plain directory on the same VM and the same disk.
+
+    python3 bench/encryption_cost.py [--messages 300] [--rounds 3] [--size 10240]
+
+On one mailstore VM (test image) a second Dovecot instance runs with the very same
+configuration except mail_home, which points at /srv/mail/bench-plain (the same ext4 data
+partition, unencrypted), and its LMTP port (2424). Each round delivers the same load to
+both over LMTP, then reads every message back with `doveadm fetch` after dropping the
+page cache (the storage read path IMAP uses; the IMAP protocol work is the same on both
+sides), then expunges. Reported as messages (or bytes) per second and plain/encrypted."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from common import log, report, spread
+from mailload import send_script, sent_seconds
+
+USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
+PLAIN = "/run/bench/dovecot-plain.conf"
+SETUP = rf"""
+set -e
+install -d /run/bench
+install -d -o vmail -g vmail /srv/mail/bench-plain
+sed -e 's#^protocols = .*#protocols = lmtp#' \
+    -e 's#^mail_home = .*#mail_home = /srv/mail/bench-plain/%{{user | domain}}/%{{user | username}}#' \
+    -e 's#port = 24$#port = 2424#' -e 's#port = 12345$#port = 12346#' /etc/dovecot/dovecot.conf >{PLAIN}
+printf 'base_dir = /run/dovecot-bench-plain\ninstance_name = bench-plain\n' >>{PLAIN}
+dovecot -c {PLAIN}
+for i in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/2424) 2>/dev/null && exit 0; sleep 1; done
+echo "the plain Dovecot instance did not open port 2424" >&2; exit 1
+"""
+
+
+def read_all(m, conf: str) -> tuple[float, int]:
+    """Seconds and bytes to read every message of every user, from a cold page cache."""
+    c = f"-c {conf}" if conf else ""
+    out = m.succeed(
+        "sync; echo 3 >/proc/sys/vm/drop_caches; s=$(date +%s.%N); n=0; "
+        f"for u in {' '.join(USERS)}; do b=$(doveadm {c} fetch -u $u text all | wc -c); n=$((n + b)); done; "
+        "e=$(date +%s.%N); echo READ $n $(awk -v a=$s -v b=$e 'BEGIN { print b - a }')", timeout=3600)
+    line = [x for x in out.splitlines() if x.startswith("READ ")][-1].split()
+    return float(line[2]), int(line[1])
+
+
+@click.command()
+@click.option("--messages", default=300, show_default=True, help="Messages per round and side.")
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--size", default=10240, show_default=True, help="Message body size in bytes.")
+def main(messages: int, rounds: int, size: int) -> None:
+    from appliance import paths
+    from appliance.credentials import Secrets
+    from appliance.imagebuild import Builder
+    from appliance.profiles import ProfileSet
+    from appliance.site import load_site
+    from appliance.vm import Cluster
+    from tests.conftest import role_ports
+    from tests.vm.mail import wait_mail_up
+
+    profiles = ProfileSet.load()
+    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
+    images = {"mailstore": Builder(profiles, site, log=log).build("mailstore", ("test",)).raw}
+    rate = {"encrypted": [], "plain": []}
+    read = {"encrypted": [], "plain": []}
+    with tempfile.TemporaryDirectory(prefix="bench-crypt-") as tmp:
+        c = Cluster(site, images, Path(tmp), forwards=lambda n: role_ports(profiles, site, n.role),
+                    secrets=Secrets(Path(tmp) / "secrets"))
+        try:
+            m = c.machine(site.node("store1"))
+            m.start()
+            wait_mail_up(m)
+            m.succeed(SETUP)
+            for r in range(rounds):
+                for side, port, conf in (("encrypted", 24, ""), ("plain", 2424, PLAIN)):
+                    secs = sent_seconds(m.succeed(send_script("lmtp", "127.0.0.1", port, messages, size, USERS),
+                                                  timeout=3600))
+                    rate[side].append(messages / secs)
+                    secs, nbytes = read_all(m, conf)
+                    read[side].append(nbytes / secs)
+                    m.succeed(f"doveadm {'-c ' + conf if conf else ''} expunge -A mailbox INBOX all")
+                    log(f"round {r + 1} {side}: {rate[side][-1]:.1f} msg/s delivered, {read[side][-1] / 1e6:.2f} MB/s read")
+        finally:
+            c.close()
+    results = {
+        "message_bytes": size, "messages_per_round": messages,
+        "lmtp_messages_per_second": {k: spread(v) for k, v in rate.items()},
+        "read_bytes_per_second": {k: spread(v) for k, v in read.items()},
+    }
+    results["plain_over_encrypted"] = {
+        "delivery": round(results["lmtp_messages_per_second"]["plain"]["median"]
+                          / results["lmtp_messages_per_second"]["encrypted"]["median"], 3),
+        "read": round(results["read_bytes_per_second"]["plain"]["median"]
+                      / results["read_bytes_per_second"]["encrypted"]["median"], 3),
+    }
+    d, rr = results["plain_over_encrypted"]["delivery"], results["plain_over_encrypted"]["read"]
+    report("encryption-cost", results,
+           f"eCryptfs cost: plain delivers {d:.2f}x and reads {rr:.2f}x as fast as the encrypted store "
+           f"(median of {rounds} rounds of {messages} x {size} B)")
+
+
+if __name__ == "__main__":
+    main()
