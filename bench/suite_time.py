@@ -20,6 +20,8 @@ import click
 
 from common import ROOT, log, report, spread
 
+LOGS = Path("/var/tmp/bench-suite-logs")
+
 
 def test_command() -> str:
     text = (ROOT / "README.md").read_text()
@@ -33,11 +35,15 @@ def one_run(cache: str | None) -> dict:
         env = {**os.environ, "CI": "true"}
         if cache:
             env["MAILCLUSTER_CACHE"] = cache
+        LOGS.mkdir(parents=True, exist_ok=True)
+        logpath = LOGS / f"{'cold' if cache else 'warm'}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        log(f"running the test command in {clone}; output in {logpath}")
         t = time.monotonic()
-        r = subprocess.run(["bash", "-c", test_command()], cwd=clone, env=env, capture_output=True, text=True)
+        with open(logpath, "w") as out:
+            r = subprocess.run(["bash", "-c", test_command()], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT)
         seconds = time.monotonic() - t
-        tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
-        return {"seconds": seconds, "exit": r.returncode, "outcome": tail[0]}
+        tail = logpath.read_text().strip().splitlines()[-1:] or [""]
+        return {"seconds": seconds, "exit": r.returncode, "outcome": tail[0], "log": str(logpath)}
 
 
 @click.command()
