@@ -48,6 +48,16 @@ def backup(c) -> dict:
     return {"snapshot": snap[-1], "bytes": int(sent[-1]), "files": int(files[-1])}
 
 
+def new_mail_lands_on(c, store: str) -> None:
+    """Once both filters route to `store`, 3 messages sent through the frontend arrive there."""
+    address = c.site.node(store).address
+    for name in ("filter1", "filter2"):
+        c[name].wait_until_succeeds(f"grep -qF 'relay:[{address}]' /etc/postfix/transport", timeout=120)
+    later = new_tokens(3)
+    assert send(c, later) == [t for _, t in later]
+    wait_in_mailboxes(c, [t for _, t in later], store=store)
+
+
 def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
     store1 = cluster["store1"]
     # store1's pairing retries until store2 is up: held, so that the first attempt store2
@@ -121,11 +131,7 @@ def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_t
         assert sorted(imap_tokens(store2, secrets, user)) == expected, user
 
     with subtest("new mail through the frontend lands on store2"):
-        for name in ("filter1", "filter2"):
-            cluster[name].wait_until_succeeds("grep -q 'relay:\\[10.77.0.32\\]' /etc/postfix/transport", timeout=120)
-        later = new_tokens(3)
-        assert send(cluster, later) == [t for _, t in later]
-        wait_in_mailboxes(cluster, [t for _, t in later], store="store2")
+        new_mail_lands_on(cluster, "store2")
 
 
 def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivered_twice):
@@ -147,11 +153,7 @@ def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivere
     assert sorted(mailbox_tokens(cluster, "store1")) == served
 
     with subtest("new mail through the frontend lands on store1 again"):
-        for name in ("filter1", "filter2"):
-            cluster[name].wait_until_succeeds("grep -q 'relay:\\[10.77.0.31\\]' /etc/postfix/transport", timeout=120)
-        later = new_tokens(3)
-        assert send(cluster, later) == [t for _, t in later]
-        wait_in_mailboxes(cluster, [t for _, t in later], store="store1")
+        new_mail_lands_on(cluster, "store1")
 
     with subtest("store2 is back to standby, with what it served kept as a snapshot"):
         store2.fail("test -e /etc/credstore.encrypted/mailcluster.takeover-key")
