@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -15,6 +16,9 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# A stopped benchmark still powers off its guests (the scripts' finally blocks run).
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def machine() -> dict:
