@@ -2,6 +2,11 @@
 # takes its primary's store) and restore-apply (a rebuilt primary gets its store back).
 # shellcheck shell=bash
 
+# What of /srv/mail is the store, as rsync filter rules: the eCryptfs ciphertext and the
+# key's signature, never the plaintext view (and nothing else on the partition).
+# shellcheck disable=SC2034  # (used by the scripts that source this)
+STORE_FILES=(--include=/key-signature --include=/crypt/ --include='/crypt/**' --exclude='*')
+
 # set_store_aside WHY: moves this node's store (crypt/ and key-signature) into
 # /srv/mail/WHY-STAMP, kept rather than deleted, and prints that directory.
 set_store_aside() {
