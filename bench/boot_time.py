@@ -11,13 +11,11 @@ running while the frontend boots, on a private switch like the tests."""
 from __future__ import annotations
 
 import re
-import tempfile
 import time
-from pathlib import Path
 
 import click
 
-from common import log, report, spread
+from common import example_cluster, log, report, spread
 
 # (postscreen greets with a multi-line "220-" first, then "220 ")
 GREETING = {"filter": (25, "220"), "frontend": (25, "220"), "mailstore": (143, "* OK")}
@@ -54,42 +52,21 @@ def analyze(m) -> dict:
 @click.command()
 @click.option("--runs", default=3, show_default=True)
 def main(runs: int) -> None:
-    from appliance.credentials import Secrets
-    from appliance.imagebuild import Builder
-    from appliance.profiles import ProfileSet
-    from appliance.site import load_site
-    from appliance import paths
-    from appliance.vm import Cluster
-    from tests.conftest import role_ports
-
-    profiles = ProfileSet.load()
-    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
-    builder = Builder(profiles, site, log=log)
-    images = {r: builder.build(r, ("test",)).raw for r in profiles.roles}
     greeting: dict[str, list[float]] = {r: [] for r, _ in NODES}
     inside: dict[str, list[dict]] = {r: [] for r, _ in NODES}
-    with tempfile.TemporaryDirectory(prefix="bench-boot-") as tmp:
-        secrets = Secrets(Path(tmp) / "secrets")
-        for run in range(runs):
-            work = Path(tmp) / f"run{run}"
-            c = Cluster(site, images, work, forwards=lambda n: role_ports(profiles, site, n.role), secrets=secrets)
-            try:
-                for role, name in NODES:
-                    m = c.machine(site.node(name))
-                    port, prefix = GREETING[role]
-                    t0 = time.monotonic()
-                    m.start(wait=False)
-                    address = str(site.node(name).address)
-                    wait_greeting(m, address, port, prefix, HELLO.get(role, "").format(a=address))
-                    greeting[role].append(time.monotonic() - t0)
-                    inside[role].append(analyze(m))
-                    log(f"run {run + 1}: {name} greeted after {greeting[role][-1]:.1f} s; {inside[role][-1]}")
-                    if role == "mailstore":
-                        m.shutdown()
-                c["fe1"].shutdown()
-                c["filter1"].shutdown()
-            finally:
-                c.close()
+    for run in range(runs):
+        # A new cluster each run: new disks, so every run is a first boot.
+        with example_cluster(tuple(r for r, _ in NODES), "bench-boot-") as c:
+            for role, name in NODES:
+                m = c.machine(c.site.node(name))
+                port, prefix = GREETING[role]
+                t0 = time.monotonic()
+                m.start(wait=False)
+                address = str(c.site.node(name).address)
+                wait_greeting(m, address, port, prefix, HELLO.get(role, "").format(a=address))
+                greeting[role].append(time.monotonic() - t0)
+                inside[role].append(analyze(m))
+                log(f"run {run + 1}: {name} greeted after {greeting[role][-1]:.1f} s; {inside[role][-1]}")
     results = {}
     for role, _ in NODES:
         keys = [k for k in inside[role][0] if inside[role][0][k] is not None]

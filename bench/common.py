@@ -8,8 +8,10 @@ import json
 import os
 import platform
 import signal
+import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,6 +51,32 @@ def report(figure: str, results: dict, summary: str) -> None:
     print(json.dumps({"figure": figure, "machine": machine(), "command": " ".join(["python3", *sys.argv]),
                       "results": results}, indent=2))
     print(summary, flush=True)
+
+
+@contextlib.contextmanager
+def example_cluster(roles: tuple[str, ...], prefix: str):
+    """The example site's nodes on a private switch of their own, booting ROLES'
+    test-layer images (built, or reused by input hash) as the VM tests do; every guest is
+    powered off at the end, however the benchmark ends."""
+    from appliance import paths
+    from appliance.credentials import Secrets
+    from appliance.imagebuild import Builder
+    from appliance.profiles import ProfileSet
+    from appliance.site import load_site
+    from appliance.vm import Cluster
+    from tests.conftest import role_ports
+
+    profiles = ProfileSet.load()
+    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
+    builder = Builder(profiles, site, log=log)
+    images = {r: builder.build(r, ("test",)).raw for r in roles}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        c = Cluster(site, images, Path(tmp), forwards=lambda n: role_ports(profiles, site, n.role),
+                    secrets=Secrets(Path(tmp) / "secrets"))
+        try:
+            yield c
+        finally:
+            c.close()
 
 
 def log(msg: str) -> None:

@@ -12,15 +12,11 @@ page cache (the storage read path IMAP uses; the IMAP protocol work is the same 
 sides), then expunges. Reported as messages (or bytes) per second and plain/encrypted."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import click
 
-from common import log, report, spread
+from common import example_cluster, log, report, spread
 from mailload import send_script, sent_seconds
-
-USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
+from tests.vm.mail import USERS, wait_mail_up
 PLAIN = "/run/bench/dovecot-plain.conf"
 SETUP = rf"""
 set -e
@@ -52,39 +48,22 @@ def read_all(m, conf: str) -> tuple[float, int]:
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--size", default=10240, show_default=True, help="Message body size in bytes.")
 def main(messages: int, rounds: int, size: int) -> None:
-    from appliance import paths
-    from appliance.credentials import Secrets
-    from appliance.imagebuild import Builder
-    from appliance.profiles import ProfileSet
-    from appliance.site import load_site
-    from appliance.vm import Cluster
-    from tests.conftest import role_ports
-    from tests.vm.mail import wait_mail_up
-
-    profiles = ProfileSet.load()
-    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
-    images = {"mailstore": Builder(profiles, site, log=log).build("mailstore", ("test",)).raw}
     rate = {"encrypted": [], "plain": []}
     read = {"encrypted": [], "plain": []}
-    with tempfile.TemporaryDirectory(prefix="bench-crypt-") as tmp:
-        c = Cluster(site, images, Path(tmp), forwards=lambda n: role_ports(profiles, site, n.role),
-                    secrets=Secrets(Path(tmp) / "secrets"))
-        try:
-            m = c.machine(site.node("store1"))
-            m.start()
-            wait_mail_up(m)
-            m.succeed(SETUP)
-            for r in range(rounds):
-                for side, port, conf in (("encrypted", 24, ""), ("plain", 2424, PLAIN)):
-                    secs = sent_seconds(m.succeed(send_script("lmtp", "127.0.0.1", port, messages, size, USERS),
-                                                  timeout=3600))
-                    rate[side].append(messages / secs)
-                    secs, nbytes = read_all(m, conf)
-                    read[side].append(nbytes / secs)
-                    m.succeed(f"doveadm {'-c ' + conf if conf else ''} expunge -A mailbox INBOX all")
-                    log(f"round {r + 1} {side}: {rate[side][-1]:.1f} msg/s delivered, {read[side][-1] / 1e6:.2f} MB/s read")
-        finally:
-            c.close()
+    with example_cluster(("mailstore",), "bench-crypt-") as c:
+        m = c.machine(c.site.node("store1"))
+        m.start()
+        wait_mail_up(m)
+        m.succeed(SETUP)
+        for r in range(rounds):
+            for side, port, conf in (("encrypted", 24, ""), ("plain", 2424, PLAIN)):
+                secs = sent_seconds(m.succeed(send_script("lmtp", "127.0.0.1", port, messages, size, USERS),
+                                              timeout=3600))
+                rate[side].append(messages / secs)
+                secs, nbytes = read_all(m, conf)
+                read[side].append(nbytes / secs)
+                m.succeed(f"doveadm {'-c ' + conf if conf else ''} expunge -A mailbox INBOX all")
+                log(f"round {r + 1} {side}: {rate[side][-1]:.1f} msg/s delivered, {read[side][-1] / 1e6:.2f} MB/s read")
     results = {
         "message_bytes": size, "messages_per_round": messages,
         "lmtp_messages_per_second": {k: spread(v) for k, v in rate.items()},

@@ -12,16 +12,14 @@ rspamd scans every message) and to store1 directly (filter2's address is one the
 mailstore accepts mail from)."""
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import click
 
-from common import log, report, spread
+from common import example_cluster, log, report, spread
 from mailload import send_script, sent_seconds
-
-USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
+from tests.conftest import boot
+from tests.vm.mail import USERS, wait_backends, wait_mail_up
 
 
 def in_mailboxes(store) -> int:
@@ -48,41 +46,20 @@ def run(c, target: str, n: int, size: int, sessions: int) -> dict:
 @click.option("--sessions", default=4, show_default=True, help="Parallel SMTP sessions.")
 @click.option("--rounds", default=3, show_default=True)
 def main(messages: int, size: int, sessions: int, rounds: int) -> None:
-    from appliance import paths
-    from appliance.credentials import Secrets
-    from appliance.imagebuild import Builder
-    from appliance.profiles import ProfileSet
-    from appliance.site import load_site
-    from appliance.vm import Cluster
-    from tests.conftest import role_ports
-    from tests.vm.mail import wait_backends, wait_mail_up
-
-    profiles = ProfileSet.load()
-    site = load_site(paths.EXAMPLE_SITE, profiles.roles)
-    builder = Builder(profiles, site, log=log)
-    images = {r: builder.build(r, ("test",)).raw for r in profiles.roles}
-    paths_ = {"end_to_end": str(site.node("fe1").address), "direct": str(site.node("store1").address)}
-    res: dict[str, list[dict]] = {k: [] for k in paths_}
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
-        c = Cluster(site, images, Path(tmp), forwards=lambda n: role_ports(profiles, site, n.role),
-                    secrets=Secrets(Path(tmp) / "secrets"))
-        try:
-            ms = [c.machine(site.node(n)) for n in ("fe1", "filter1", "filter2", "store1")]
-            for m in ms:
-                m.start(wait=False)
-            for m in ms:
-                m.wait_started()
-            wait_mail_up(c["store1"])
-            for name in ("filter1", "filter2"):
-                c[name].wait_for_unit("postfix.service", timeout=900)
-                c[name].wait_for_unit("rspamd.service", timeout=900)
-            wait_backends(c, {"filter1": "UP", "filter2": "UP"}, timeout=300)
-            for r in range(rounds):
-                for kind, target in paths_.items():
-                    res[kind].append(run(c, target, messages, size, sessions))
-                    log(f"round {r + 1} {kind}: {res[kind][-1]}")
-        finally:
-            c.close()
+    res: dict[str, list[dict]] = {}
+    with example_cluster(("frontend", "filter", "mailstore"), "bench-throughput-") as c:
+        paths_ = {"end_to_end": str(c.site.node("fe1").address), "direct": str(c.site.node("store1").address)}
+        res.update({k: [] for k in paths_})
+        boot(c, "fe1", "filter1", "filter2", "store1")
+        wait_mail_up(c["store1"])
+        for name in ("filter1", "filter2"):
+            c[name].wait_for_unit("postfix.service", timeout=900)
+            c[name].wait_for_unit("rspamd.service", timeout=900)
+        wait_backends(c, {"filter1": "UP", "filter2": "UP"}, timeout=300)
+        for r in range(rounds):
+            for kind, target in paths_.items():
+                res[kind].append(run(c, target, messages, size, sessions))
+                log(f"round {r + 1} {kind}: {res[kind][-1]}")
     results = {"messages": messages, "message_bytes": size, "sessions": sessions,
                **{k: {"messages_per_second": spread([x["messages_per_second"] for x in v]),
                       "seconds": spread([x["seconds"] for x in v])} for k, v in res.items()}}

@@ -12,6 +12,7 @@ import shlex
 import smtplib
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 from appliance.vm import Machine
@@ -125,6 +126,22 @@ def scan_disk(m: Machine, tmp_path: Path, tokens: list[str], control: bytes,
     finally:
         raw.unlink()
     return {f.decode() for f in found}, count
+
+
+def run_backup(store: Machine) -> dict:
+    """One run of mailcluster-backup.service on `store`, as its timer would start it: the
+    snapshot it made on the backup, what rsync sent, and the seconds it took."""
+    since = store.succeed("date +%s").strip()
+    t = time.monotonic()
+    rc, _ = store.execute("systemctl start mailcluster-backup.service", timeout=1800)
+    seconds = time.monotonic() - t
+    log = store.succeed(f"journalctl --no-pager -o cat -u mailcluster-backup.service --since @{since}")
+    assert rc == 0, f"backup failed:\n{log}"
+    snap = re.findall(r"snapshot (\S+) complete on ", log)
+    sent = re.findall(r"Total bytes sent: ([0-9]+)", log)
+    files = re.findall(r"Number of regular files transferred: ([0-9]+)", log)
+    assert snap and sent and files, log
+    return {"snapshot": snap[-1], "bytes": int(sent[-1]), "files": int(files[-1]), "seconds": seconds}
 
 
 def wait_delivered(store: Machine) -> None:

@@ -4,14 +4,12 @@ every acknowledged message is there. Runs last on the shared cluster: it ends wi
 store1 rebuilt and restored from store2, and store2 shut down."""
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from appliance.credentials import ssh_key
 from appliance.vm import subtest
 from tests.conftest import _live
-from tests.vm.mail import (USERS, deliver, imap_tokens, mailbox_tokens, new_tokens, scan_disk, send,
+from tests.vm.mail import (USERS, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup, scan_disk, send,
                            wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -32,20 +30,6 @@ def store2(cluster):
     m = cluster.machine(cluster.site.node("store2"))
     _live.append(m)
     return m
-
-
-def backup(c) -> dict:
-    """One backup run on store1: the snapshot's name and what rsync sent."""
-    store1 = c["store1"]
-    since = store1.succeed("date +%s").strip()
-    rc, out = store1.execute("systemctl start mailcluster-backup.service", timeout=900)
-    log = store1.succeed(f"journalctl --no-pager -o cat -u mailcluster-backup.service --since @{since}")
-    assert rc == 0, f"backup failed:\n{log}"
-    snap = re.findall(r"snapshot (\S+) complete on store2", log)
-    sent = re.findall(r"Total bytes sent: ([0-9]+)", log)
-    files = re.findall(r"Number of regular files transferred: ([0-9]+)", log)
-    assert snap and sent and files, log
-    return {"snapshot": snap[-1], "bytes": int(sent[-1]), "files": int(files[-1])}
 
 
 def new_mail_lands_on(c, store: str) -> None:
@@ -114,9 +98,9 @@ def delivered_twice(cluster, store2):
     store1.succeed("systemctl reset-failed mailcluster-backup.service; systemctl start mailcluster-backup-pair.service")
     store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
     first = deliver(cluster, 100)
-    one = backup(cluster)
+    one = run_backup(cluster["store1"])
     second = deliver(cluster, 50)
-    two = backup(cluster)
+    two = run_backup(cluster["store1"])
     return first, second, (one, two)
 
 
@@ -164,7 +148,7 @@ def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivere
 
     with subtest("store1's next backup sends only what changed since the hand-back"):
         store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
-        run = backup(cluster)
+        run = run_backup(cluster["store1"])
         assert run["files"] <= 3 + 20, run
 
 
