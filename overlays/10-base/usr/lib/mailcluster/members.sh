@@ -60,6 +60,17 @@ nodes() { awk -v r="$1" -v s="${2:-}" '$1 == "node" && $3 == r && (s == "" || $5
 # addresses ROLE [STATE]: just the addresses
 addresses() { nodes "$@" | awk '{ print $2 }'; }
 address_of() { awk -v n="$1" '$1 == "node" && $2 == n { print $4 }' "$MEMBERS"; }
+# A system credential's value. QEMU's (SMBIOS) arrive in @system; those `./build.py flash`
+# put on the ESP count as untrusted and arrive sealed in @encrypted.
+read_credential() {
+	if [[ -s /run/credentials/@system/$1 ]]; then
+		cat -- "/run/credentials/@system/$1"
+	elif [[ -s /run/credentials/@encrypted/$1 ]]; then
+		systemd-creds decrypt --name="$1" "/run/credentials/@encrypted/$1" - 2>/dev/null
+	else
+		return 1
+	fi
+}
 self_name() { awk '{ print $1 }' "$MC_STATE/identity"; }
 state_of() { awk -v n="$1" '$1 == "node" && $2 == n { print $5 }' "$MEMBERS"; }
 # backup_of PRIMARY: the node that keeps PRIMARY's backups (empty if none)
