@@ -242,5 +242,107 @@ def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> 
     echo(f"{target.name} is off; its disk is kept in {spec.state_dir} (--fresh discards it)")
 
 
+@main.command()
+@click.argument("image")
+@click.option("--device", "device", required=True, type=click.Path(path_type=Path),
+              help="The whole disk to write, e.g. /dev/sdb (or a file with --to-file).")
+@click.option("--node", "node_name", required=True, help="The site's node this machine becomes.")
+@click.option("--to-file", is_flag=True, help="Allow --device to be a regular file (written as an image file).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--trust", "trust", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="For a registry reference: the OpenPGP public key(s) releases must be signed with.")
+@click.pass_obj
+def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool, yes: bool, trust: Path | None) -> None:
+    """Write IMAGE (a file, or a registry reference) onto DEVICE as NODE.
+
+    Only the image's data blocks are written (bmap); they are read back from the device
+    and compared with the image's checksums; then the node's credentials go onto the
+    ESP, so the machine boots as NODE."""
+    from . import flash as fl
+    from .credentials import Secrets, node_credentials
+
+    site = obj.site
+    node = site.node(node_name)
+    path = Path(image)
+    if not path.exists() and fl.looks_like_reference(image):
+        from . import registry
+        path = registry.pull_role(image, node.role, trust, log=echo)
+    elif not path.exists():
+        raise ApplianceError(f"{image}: no such image file", hint="name a .raw file or a registry reference REGISTRY/REPO:TAG")
+    role = fl.image_role(path)
+    if role is not None and role != node.role:
+        raise ApplianceError(f"{path.name} is a {role} image but node {node.name} is a {node.role}; nothing was written",
+                             hint=f"flash the {node.role} image")
+    expected = fl.recorded_sha256(path)
+    target = fl.inspect_target(device, to_file)
+    size = path.stat().st_size
+    if target.size is not None and target.size < size:
+        raise fl.FlashError(f"{device} is too small: {target.size / 1e9:.2f} GB for a {size / 1e9:.2f} GB image; "
+                            "nothing was written", hint="use a larger disk")
+    fl.verify_image(path, expected, echo)
+    bmap = fl.load_bmap(fl.ensure_bmap(path))
+    if node.mac is None:
+        echo(f"note: the site gives no MAC for {node.name}: its cluster address goes to every en* NIC")
+    if not yes:
+        click.confirm(f"Write {path.name} onto {device} ({target.description}) as {node.name}? "
+                      "Everything on it is lost.", abort=True, err=True)
+    fl.write_image(path, bmap, target, echo)
+    creds = node_credentials(site, node, node.mac, Secrets(paths.SECRETS / site.name))
+    fl.write_credentials(device, creds, echo)
+    click.echo(f"{device}: {path.name} written and verified ({bmap.mapped_bytes / 1e6:.0f} MB of data), "
+               f"boots as {node.name}")
+
+
+@main.command()
+@click.option("--to", "to", required=True, help="REGISTRY/REPOSITORY:TAG to publish the release under.")
+@click.option("--sign-key", required=True, envvar="MAILCLUSTER_SIGN_KEY",
+              help="OpenPGP key (id or fingerprint in your gpg keyring) that signs the release.")
+@click.option("--role", "roles", multiple=True, type=ROLE, help="Only these roles (default: every role the site uses).")
+@click.option("--layer", "layers", multiple=True, help="Publish the images built with these extra layers.")
+@click.option("--version", "version", help="Release version for the annotations (default: the tag).")
+@click.pass_obj
+def publish(obj: Context, to: str, sign_key: str, roles: tuple[str, ...], layers: tuple[str, ...],
+            version: str | None) -> None:
+    """Push each role's release image to a registry as a signed OCI artifact.
+
+    Registry credentials come from MAILCLUSTER_REGISTRY_USERNAME/PASSWORD or the podman
+    and docker auth files (podman login / docker login), never from the command line."""
+    from . import registry
+
+    site = obj.site
+    ref = registry.Ref.parse(to)
+    images = {}
+    for role in roles or site.roles:
+        image = paths.IMAGES / site.name / f"{variant_name(role, tuple(layers))}.raw"
+        if not image.exists():
+            raise ApplianceError(f"{image}: not built", hint=f"run ./build.py build {role}" +
+                                 "".join(f" --layer {l}" for l in layers))
+        images[role] = image
+    index, releases = registry.publish(ref, images, sign_key, version or ref.tag, log=echo)
+    for r in releases:
+        click.echo(f"{r.role}: {ref.registry}/{ref.repository}@{r.digest}")
+        for name, digest in r.files.items():
+            click.echo(f"  {name}  {digest}")
+    click.echo(f"{ref}  index {index}")
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--trust", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              envvar="MAILCLUSTER_TRUST", help="OpenPGP public key(s) releases must be signed with.")
+@click.option("--role", "roles", multiple=True, type=ROLE, help="Only these roles (default: every role the site uses).")
+@click.option("--output", type=click.Path(path_type=Path), help="Directory (default: images/pulled/TAG).")
+@click.pass_obj
+def pull(obj: Context, reference: str, trust: Path, roles: tuple[str, ...], output: Path | None) -> None:
+    """Fetch release images, verify digests and signature; refuse anything else."""
+    from . import registry
+
+    ref = registry.Ref.parse(reference)
+    out = output or paths.IMAGES / "pulled" / (ref.tag or ref.digest.replace(":", "-"))
+    for role in roles or obj.site.roles:
+        raw = registry.pull(ref, role, trust, out / role, log=echo)
+        click.echo(f"{raw}  (verified: digests, signature, SHA256SUMS)")
+
+
 if __name__ == "__main__":
     main()

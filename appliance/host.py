@@ -61,6 +61,12 @@ NEEDS = [
     Need("sfdisk", "fdisk"),
     Need("losetup", "mount"),
     Need("ip", "iproute2"),
+    # flash and publish/pull
+    Need("bmaptool", "bmap-tools"),
+    Need("gpgv", "gpgv"),
+    # The test suite's release tests: a real registry and an independent client for it.
+    Need("docker-registry", "docker-registry"),
+    Need("skopeo", "skopeo"),
 ]
 
 
@@ -111,6 +117,9 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
         _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports", *bp], env, log)
     if rest:
         _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", *rest], env, log)
+    if any(n.package == "docker-registry" for n in need) and Path("/run/systemd/system").exists():
+        # The package starts a registry on port 5000; the tests run their own on 127.0.0.1.
+        _apt(["systemctl", "disable", "--now", "docker-registry.service"], env, log)
     still = missing()
     if still:
         raise ApplianceError("setup finished but these are still missing:\n"

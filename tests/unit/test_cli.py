@@ -3,17 +3,10 @@ import base64
 import os
 import re
 import stat
-import subprocess
-import sys
 
 
 from appliance import paths
-
-BUILD = [sys.executable, str(paths.ROOT / "build.py")]
-
-
-def cli(*args, **kw):
-    return subprocess.run([*BUILD, *args], capture_output=True, text=True, **kw)
+from tests.tools import build_py as cli
 
 
 def test_help_lists_every_command():

@@ -1,0 +1,43 @@
+"""Helpers for tests that act as an operator: ./build.py, loop devices, checksums."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int) -> Iterator[Path]:
+    """A loop device over a new sparse file of `size` bytes; detached even on failure."""
+    with open(backing, "wb") as fh:
+        fh.truncate(size)
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True)
+    path = Path(dev.stdout.strip())
+    try:
+        yield path
+    finally:
+        subprocess.run(["losetup", "-d", str(path)], capture_output=True)
+
+
+def digest(path: Path, length: int | None = None, offset: int = 0) -> str:
+    """sha256 of a file or device (`length` bytes from `offset`; default: to the end)."""
+    h = hashlib.sha256()
+    left = length if length is not None else (os.stat(path).st_size or 1 << 62) - offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while left > 0 and (chunk := fh.read(min(4 << 20, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def build_py(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """./build.py as an operator runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "build.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, input=input, cwd=ROOT, timeout=900)
