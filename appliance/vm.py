@@ -355,6 +355,69 @@ class Cluster:
         self.machines[node.name] = m
         return m
 
+    def boot(self, *names: str, timeout: float = 300,
+             created: Callable[[list[Machine]], None] | None = None) -> list[Machine]:
+        """Start the named nodes together (their boots overlap) and, with the test agent,
+        wait until each answers. `created` sees the machines before anything can fail."""
+        machines = [self.machine(self.site.node(n)) for n in names]
+        if created:
+            created(machines)
+        for m in machines:
+            m.start(wait=False)
+        for m in machines:
+            m.wait_started(timeout)
+        return machines
+
+    def mail_endpoints(self) -> list[tuple[str, str, Machine, int]]:
+        """(what, node, machine, guest port) an operator uses: SMTP and submission through
+        each frontend, IMAP on each mailstore that serves users (not a standby backup)."""
+        standby = {p.backup for p in self.site.backups}
+        out = []
+        for name, m in self.machines.items():
+            role = self.site.node(name).role
+            wanted = {"frontend": [("SMTP", 25), ("submission", 587)],
+                      "mailstore": [] if name in standby else [("IMAP", 143), ("IMAPS", 993)]}.get(role, [])
+            out += [(what, name, m, port) for what, port in wanted if port in m.spec.forwards]
+        return out
+
+    def wait_accepting_mail(self, timeout: float = 900) -> None:
+        """Until the cluster takes mail: a frontend's SMTP greeting comes from a filter
+        behind it, and every serving mailstore greets IMAP clients."""
+        greetings = {"SMTP": b"220", "IMAP": b"* OK"}
+        deadline = time.monotonic() + timeout
+        for what, name, m, port in self.mail_endpoints():
+            if what in greetings:
+                try:
+                    qemu.wait_for_banner(m.forward(port), greetings[what], max(deadline - time.monotonic(), 1))
+                except TimeoutError as e:
+                    raise MachineError(f"{name}: {e}\n{m.serial_tail(30)}") from None
+
+    def access(self) -> str:
+        """How to reach the running cluster from this host."""
+        lines = [f"  {what:10} {name:8} 127.0.0.1:{m.forward(port):<5}  (guest port {port})"
+                 for what, name, m, port in self.mail_endpoints()]
+        for name, m in self.machines.items():
+            if 22 in m.spec.forwards:
+                lines.append(f"  {'SSH':10} {name:8} 127.0.0.1:{m.forward(22):<5}  "
+                             f"(from the admin network {self.site.network.admin_network} only)")
+        return "\n".join(lines)
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """Every guest at once through ACPI, then a bounded wait; kill what ignores it."""
+        running = [m for m in self.machines.values() if m.process.running]
+        for m in running:
+            log(f"{m.name}: shutting down")
+            m._close_agent()
+            try:
+                m.process.qmp("system_powerdown")
+            except Exception:
+                pass
+        deadline = time.monotonic() + timeout
+        for m in running:
+            if not m.process.wait_exit(max(deadline - time.monotonic(), 1)):
+                m.process.kill()
+        self.switch.stop()
+
     def mac(self, node: Node) -> str:
         return node.mac or qemu.mac_for(node.name, 1)
 

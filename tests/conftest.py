@@ -59,6 +59,8 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
                 forwards=lambda node: role_ports(profiles, site, node.role), secrets=secrets)
     try:
         boot(c, *SHARED_NODES)
+        # What `./build.py run --cluster` waits for before it prints the endpoints.
+        c.wait_accepting_mail()
         yield c
     finally:
         for m in c.machines.values():
@@ -68,14 +70,8 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
 
 
 def boot(cluster: Cluster, *names: str) -> list[Machine]:
-    """Start the named nodes together (their boots overlap) and wait for each agent."""
-    machines = [cluster.machine(cluster.site.node(n)) for n in names]
-    _live.extend(machines)
-    for m in machines:
-        m.start(wait=False)
-    for m in machines:
-        m.wait_started()
-    return machines
+    """Start the named nodes together, through the code `./build.py run --cluster` uses."""
+    return cluster.boot(*names, created=_live.extend)
 
 
 @pytest.hookimpl(hookwrapper=True)

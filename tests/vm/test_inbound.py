@@ -72,6 +72,20 @@ def test_mail_reaches_the_mailbox_and_the_filter_logs_the_real_client(cluster):
     assert re.search(rf"\bip: {re.escape(USER_NET_HOST)}\b", log), f"rspamd did not log the client:\n{log}"
 
 
+def test_the_endpoints_run_cluster_prints_take_mail_and_serve_it(cluster):
+    """`./build.py run --cluster` boots through Cluster.boot, waits with
+    wait_accepting_mail and prints Cluster.access(): the same calls as this fixture."""
+    printed = {(what, node): int(port) for what, node, port in
+               re.findall(r"^\s+(\S+)\s+(\S+)\s+127\.0\.0\.1:(\d+)", cluster.access(), re.M)}
+    assert printed[("SMTP", "fe1")] == cluster["fe1"].forward(25)
+    assert printed[("IMAP", "store1")] == cluster["store1"].forward(143)
+    assert {node for what, node in printed if what == "SSH"} == set(cluster.machines)
+    rcpt, token = new_tokens(1)[0]
+    with smtplib.SMTP("127.0.0.1", printed[("SMTP", "fe1")], local_hostname="client.example.org", timeout=180) as s:
+        s.sendmail("sender@example.org", [rcpt], message(rcpt, token))
+    wait_in_mailboxes(cluster, [token])  # over IMAP, through the printed port
+
+
 def test_gtube_is_rejected_at_smtp_time_and_never_delivered(cluster):
     (rcpt, spam), (_, clean) = new_tokens(2)
     with smtplib.SMTP("127.0.0.1", cluster["fe1"].forward(25), local_hostname="spam.example.org", timeout=180) as s:
