@@ -199,16 +199,26 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
 
 
 @main.command()
-@click.argument("role", type=ROLE)
+@click.argument("role", type=ROLE, required=False)
+@click.option("--cluster", is_flag=True, help="Boot every node of the site on a private network instead.")
 @click.option("--node", help="Boot as this node of the site (default: the role's first node).")
 @click.option("--fresh", is_flag=True, help="Discard the VM's previous disk state.")
-@click.option("--memory", default=1024, show_default=True, help="Guest memory in MiB.")
+@click.option("--memory", default=1024, show_default=True, help="Guest memory in MiB (per node).")
 @click.pass_obj
-def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> None:
-    """Boot ROLE's image in QEMU with its serial console on this terminal."""
+def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: bool, memory: int) -> None:
+    """Boot ROLE's image in QEMU with its serial console on this terminal, or with
+    --cluster every node of the site, until the cluster accepts mail."""
     from .credentials import Secrets, node_credentials
 
     site = obj.site
+    if cluster:
+        if role or node:
+            raise ApplianceError("--cluster boots every node of the site; give no ROLE and no --node")
+        run_cluster(obj, memory)
+        return
+    if role is None:
+        raise ApplianceError("give a ROLE to boot one node, or --cluster for the whole site",
+                             hint=f"roles: {', '.join(obj.profiles.roles)}")
     nodes = site.nodes_with_role(role)
     target = site.node(node) if node else (nodes[0] if nodes else None)
     if target is None:
@@ -249,10 +259,13 @@ def run(obj: Context, role: str, node: str | None, fresh: bool, memory: int) -> 
 @click.option("--node", "node_name", required=True, help="The site's node this machine becomes.")
 @click.option("--to-file", is_flag=True, help="Allow --device to be a regular file (written as an image file).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--with-mailstore-key", is_flag=True,
+              help="Also put a mailstore's eCryptfs key on the ESP (evaluation only: anyone with the disk can read it).")
 @click.option("--trust", "trust", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="For a registry reference: the OpenPGP public key(s) releases must be signed with.")
 @click.pass_obj
-def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool, yes: bool, trust: Path | None) -> None:
+def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool, yes: bool,
+          with_mailstore_key: bool, trust: Path | None) -> None:
     """Write IMAGE (a file, or a registry reference) onto DEVICE as NODE.
 
     Only the image's data blocks are written (bmap); they are read back from the device
@@ -288,6 +301,13 @@ def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool,
                       "Everything on it is lost.", abort=True, err=True)
     fl.write_image(path, bmap, target, echo)
     creds = node_credentials(site, node, node.mac, Secrets(paths.SECRETS / site.name))
+    # The ESP is readable by whoever holds the disk: the key to the encrypted mail store
+    # must not lie beside it (README: "Supplying the mailstore key on bare metal").
+    if creds.pop("mailcluster.mailstore-key", None) is not None and not with_mailstore_key:
+        echo("note: the mailstore key is not written to the disk; give it to the node as README "
+             "'Supplying the mailstore key on bare metal' says (mail services wait for it)")
+    elif with_mailstore_key:
+        creds["mailcluster.mailstore-key"] = Secrets(paths.SECRETS / site.name).mailstore_key(node.name).encode()
     fl.write_credentials(device, creds, echo)
     click.echo(f"{device}: {path.name} written and verified ({bmap.mapped_bytes / 1e6:.0f} MB of data), "
                f"boots as {node.name}")
@@ -342,6 +362,60 @@ def pull(obj: Context, reference: str, trust: Path, roles: tuple[str, ...], outp
     for role in roles or obj.site.roles:
         raw = registry.pull(ref, role, trust, out / role, log=echo)
         click.echo(f"{raw}  (verified: digests, signature, SHA256SUMS)")
+
+
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), default=Path("dist/mailcluster.pyz"), show_default=True)
+def dist(output: Path) -> None:
+    """Package the builder as one executable file (a zipapp with profiles, overlays and
+    its Python dependencies) for hosts with Python 3 and mkosi."""
+    from . import dist as d
+
+    out = d.make(output)
+    click.echo(f"{out}  ({out.stat().st_size / 1e6:.1f} MB; runs on {d.python_tag()} hosts: "
+               f"python3 {out.name} --help)")
+
+
+def run_cluster(obj: Context, memory: int) -> None:
+    """Every node on one private switch, fresh disks, 127.0.0.1 forwards; Ctrl-C powers
+    every guest off through ACPI."""
+    import time
+
+    from .credentials import Secrets
+    from .vm import Cluster, MachineError
+
+    site = obj.site
+    images = {}
+    for role in site.roles:
+        images[role] = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
+        if not images[role].exists():
+            raise ApplianceError(f"{images[role]}: no image built for role {role}", hint="run ./build.py build")
+    ports = {role: sorted(set(resolved_ports(obj.profiles.compose(role), site).values())) for role in site.roles}
+    c = Cluster(site, images, paths.IMAGES / site.name / "run-cluster", forwards=lambda n: ports[n.role],
+                secrets=Secrets(paths.SECRETS / site.name), agent=False, memory_mb=memory)
+    names = [n.name for n in site.nodes]
+    try:
+        echo(f"booting {', '.join(names)} under TCG ({memory} MiB each); "
+             f"serial consoles in {c.workdir}/NODE/serial.log")
+        started = time.monotonic()
+        c.boot(*names)
+        c.wait_accepting_mail(timeout=1800)
+        click.echo(f"the cluster accepts mail ({time.monotonic() - started:.0f} s after start):")
+        click.echo(c.access())
+        echo("Ctrl-C powers every node off")
+        while True:
+            stopped = [m.name for m in c.machines.values() if not m.process.running]
+            if stopped:
+                raise ApplianceError(f"{', '.join(stopped)} stopped on its own",
+                                     hint=f"see {c.workdir}/NODE/serial.log")
+            time.sleep(1)  # idle until Ctrl-C; nothing is being waited for
+    except KeyboardInterrupt:
+        echo("\npowering every node off (ACPI)")
+    except MachineError as e:
+        raise ApplianceError(str(e)) from None
+    finally:
+        c.shutdown()
+        echo(f"all nodes are off; their disks are in {c.workdir} (the next run starts fresh)")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ PROFILES = ROOT / "profiles"
 OVERLAYS = ROOT / "overlays"
 SITES = ROOT / "sites"
 EXAMPLE_SITE = SITES / "example.yaml"
-IMAGES = ROOT / "images"
-BUILD = ROOT / "build"
+# What the operator makes lives in the checkout, or for the one-file builder
+# (./build.py dist) in the directory it runs in.
+WORK = Path(os.environ.get("MAILCLUSTER_WORKDIR", ROOT))
+IMAGES = WORK / "images"
+BUILD = WORK / "build"
 # Generated secrets (keys, passwords), per site; never in git.
-SECRETS = Path(os.environ.get("MAILCLUSTER_SECRETS", ROOT / "secrets"))
+SECRETS = Path(os.environ.get("MAILCLUSTER_SECRETS", WORK / "secrets"))
 
 # Shared by every checkout on the machine (CI's fresh clone included).
 CACHE = Path(os.environ.get("MAILCLUSTER_CACHE", "/var/cache/mailcluster"))

@@ -248,6 +248,8 @@ class Release:
 
 
 def _git_commit() -> str:
+    if (paths.ROOT / "VERSION").exists():  # the one-file builder records it (./build.py dist)
+        return (paths.ROOT / "VERSION").read_text().strip()
     r = subprocess.run(["git", "-C", str(paths.ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if r.returncode != 0:
         return "unknown"

@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import signal
+import re
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -321,3 +323,31 @@ def test_flash_takes_a_registry_reference(published, registry_url, gnupg, tmp_pa
     assert r.returncode == 0, r.stderr
     start, size = flash.esp_extent(target)
     assert digest(target, offset=start + size) == digest(image, offset=start + size)
+
+
+# ---- the one-file builder ------------------------------------------------------------------
+def test_dist_is_one_file_that_runs_without_the_checkout(tmp_path):
+    pyz = tmp_path / "mailcluster.pyz"
+    r = build_py("dist", "--output", str(pyz))
+    assert r.returncode == 0, r.stderr
+    op = tmp_path / "operator"
+    op.mkdir()
+
+    def run(*args):
+        # -I -S: no site-packages, no PYTHONPATH: everything must come from the file.
+        return subprocess.run([sys.executable, "-I", "-S", str(pyz), *args], cwd=op, capture_output=True, text=True,
+                              env={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}, timeout=300)
+
+    out = run("--help")
+    assert out.returncode == 0, out.stderr
+    for command in ("build", "run", "flash", "publish", "pull"):
+        assert re.search(rf"^  {command}\s", out.stdout, re.M), out.stdout
+    shown, expected = run("show", "frontend", "--json"), build_py("show", "frontend", "--json")
+    assert shown.returncode == 0, shown.stderr
+    for key in ("packages", "services", "ports", "partitions", "checks"):
+        assert json.loads(shown.stdout)[key] == json.loads(expected.stdout)[key]
+    # What the operator makes lands in the directory the file runs in.
+    made = run("credentials", "fe1", "--format", "files", "--output", "creds")
+    assert made.returncode == 0, made.stderr
+    assert (op / "creds" / "system.hostname").read_text() == "fe1"
+    assert (op / "secrets" / "example" / "join-key").exists()
