@@ -2,6 +2,7 @@
 devices, publishing to a real registry (Debian's docker-registry) and pulling back."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,10 +49,13 @@ def gnupg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registry_url(tmp_path_factory):
     """Debian's docker-registry on 127.0.0.1, storing under a temporary directory."""
-    d = tmp_path_factory.mktemp("registry")
+    yield from serve_registry(tmp_path_factory.mktemp("registry"))
+
+
+def serve_registry(d: Path, extra: str = "", ready=(200,)):
     port = qemu.free_port()
     (d / "config.yml").write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-                                  f"    rootdirectory: {d}/data\nhttp:\n  addr: 127.0.0.1:{port}\n")
+                                  f"    rootdirectory: {d}/data\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}")
     log = open(d / "log", "w")
     proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=log, stderr=log,
                             start_new_session=True)
@@ -58,7 +63,9 @@ def registry_url(tmp_path_factory):
     def up(last: bool) -> bool:
         assert proc.poll() is None, f"docker-registry exited: {(d / 'log').read_text()}"
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).status in ready
+        except urllib.error.HTTPError as e:
+            return e.code in ready
         except OSError:
             return False
 
@@ -351,3 +358,35 @@ def test_dist_is_one_file_that_runs_without_the_checkout(tmp_path):
     assert made.returncode == 0, made.stderr
     assert (op / "creds" / "system.hostname").read_text() == "fe1"
     assert (op / "secrets" / "example" / "join-key").exists()
+
+
+def test_registry_credentials_come_from_the_auth_file(tmp_path, monkeypatch):
+    """A registry that wants a login: refused with what to do, then accepted with the
+    entry `docker login` writes; the password never appears on a command line."""
+    import crypt
+    d = tmp_path / "registry"
+    d.mkdir()
+    (d / "htpasswd").write_text("publisher:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    served = serve_registry(d, f"auth:\n  htpasswd:\n    realm: test\n    path: {d}/htpasswd\n", ready=(401,))
+    host, _ = next(served)
+    try:
+        for var in ("REGISTRY_AUTH_FILE", "MAILCLUSTER_REGISTRY_USERNAME", "MAILCLUSTER_REGISTRY_PASSWORD"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+        blob = tmp_path / "blob"
+        blob.write_bytes(b"release notes")
+        d_blob = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+        ref = registry.Ref.parse(f"{host}/mail/appliance:x")
+        with pytest.raises(registry.RegistryError) as e:
+            registry.Client(ref).push_blob(blob, d_blob)
+        assert "401" in e.value.message and "docker login" in e.value.hint
+
+        (tmp_path / ".docker").mkdir()
+        auth = base64.b64encode(b"publisher:s3cret").decode()
+        (tmp_path / ".docker" / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+        registry.Client(ref).push_blob(blob, d_blob)
+        assert registry.Client(ref).blob_exists(d_blob)
+    finally:
+        next(served, None)
