@@ -217,34 +217,20 @@ def inspect_target(path: Path, allow_file: bool) -> Target:
 
 
 # ---- writing and verifying ----------------------------------------------------------------
-def _copy_ranges(src: int, dst: int, bmap: Bmap, image: Path) -> None:
-    for rng in bmap.ranges:
-        start, length = bmap.span(rng)
-        h = hashlib.sha256()
-        done = 0
-        while done < length:
-            n = min(CHUNK, length - done)
-            data = os.pread(src, n, start + done)
-            h.update(data)
-            os.pwrite(dst, data, start + done)
-            done += n
-        if h.hexdigest() != rng[2]:
-            raise FlashError(f"{image} changed while it was written (blocks {rng[0]}-{rng[1]}); "
-                             "the target holds an incomplete image", hint="flash again")
-
-
-def _read_back(fd: int, bmap: Bmap) -> list[str]:
+def _mismatched_ranges(fd: int, bmap: Bmap, copy_to: int | None = None) -> list[tuple[int, int, str]]:
+    """The bmap ranges whose data read from `fd` does not match their checksum; with
+    `copy_to`, every range read is also written there, at the same offset."""
     bad = []
     for rng in bmap.ranges:
         start, length = bmap.span(rng)
         h = hashlib.sha256()
-        done = 0
-        while done < length:
-            n = min(CHUNK, length - done)
-            h.update(os.pread(fd, n, start + done))
-            done += n
+        for off in range(start, start + length, CHUNK):
+            data = os.pread(fd, min(CHUNK, start + length - off), off)
+            h.update(data)
+            if copy_to is not None:
+                os.pwrite(copy_to, data, off)
         if h.hexdigest() != rng[2]:
-            bad.append(f"blocks {rng[0]}-{rng[1]}")
+            bad.append(rng)
     return bad
 
 
@@ -267,7 +253,9 @@ def write_image(image: Path, bmap: Bmap, target: Target, progress: Callable[[str
         src = os.open(image, os.O_RDONLY)
         try:
             progress(f"writing {bmap.mapped_bytes / 1e6:.0f} MB of data blocks to {target.path}")
-            _copy_ranges(src, dst, bmap, image)
+            if _mismatched_ranges(src, bmap, copy_to=dst):
+                raise FlashError(f"{image} changed while it was written; the target holds an incomplete image",
+                                 hint="flash again")
         finally:
             os.close(src)
         os.fsync(dst)
@@ -276,7 +264,7 @@ def write_image(image: Path, bmap: Bmap, target: Target, progress: Callable[[str
             fcntl.ioctl(dst, BLKFLSBUF, 0)
         os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
         progress(f"reading {target.path} back to verify")
-        bad = _read_back(dst, bmap)
+        bad = [f"blocks {first}-{last}" for first, last, _ in _mismatched_ranges(dst, bmap)]
         if bad:
             raise FlashError(f"verification failed: {target.path} does not hold what was written "
                              f"({', '.join(bad[:5])}{' …' if len(bad) > 5 else ''})",
