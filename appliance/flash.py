@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ApplianceError
+from .paths import HOST_PATH
 
 ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 BLKFLSBUF = 0x1261
@@ -26,7 +27,6 @@ CHUNK = 4 << 20
 # systemd's id for credentials sealed with the null key (no TPM, no host key): the only
 # kind a machine can open on its first boot, before it has any key of its own.
 NULL_KEY_ID = bytes.fromhex("058469daf6f54324800549da0f8ea2fb")
-HOST_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class FlashError(ApplianceError):

@@ -23,3 +23,7 @@ STORE = CACHE / "store"          # finished images by input hash
 MKOSI_CACHE = CACHE / "mkosi"    # incremental trees, one per role
 PACKAGE_CACHE = CACHE / "packages"
 LOCKS = CACHE / "locks"
+
+# Debian's own tools first: mkosi's ukify needs python3-pefile under /usr/bin/python3, not
+# a pyenv interpreter that may come first on the caller's PATH.
+HOST_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -31,3 +31,22 @@ def test_ready_host_is_left_alone(monkeypatch):
     said = []
     host.setup(log=said.append)
     assert said == ["host ready: every build and boot dependency is installed"]
+
+
+def test_a_version_outside_the_range_counts_as_missing(tmp_path, monkeypatch):
+    for name, text in (("qemu-system-x86_64", "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)"),
+                       ("mkosi", "mkosi 25.3"), ("qemu-img", "qemu-img version 10.0.2 (Debian 1:10.0.2+ds-2)")):
+        (tmp_path / name).write_text(f"#!/bin/sh\necho '{text}'\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setattr(host, "HOST_PATH", str(tmp_path))
+    qemu = host.Need("qemu-system-x86_64", "qemu-system-x86", backports=True, minimum=(10, 0))
+    mkosi = host.Need("mkosi", "mkosi", backports=True, minimum=(24, 0), below=(25, 0))
+    img = host.Need("qemu-img", "qemu-utils", backports=True, minimum=(10, 0))
+    assert not qemu.present() and not mkosi.present() and img.present()
+    monkeypatch.setattr(host, "NEEDS", [qemu, mkosi, img])
+    monkeypatch.setattr(host, "os_release", lambda: {"ID": "debian", "VERSION_ID": "12"})
+    with pytest.raises(ApplianceError) as exc:
+        host.setup(log=lambda m: None, install=False)
+    assert "qemu-system-x86_64 10.0 or newer (Debian package qemu-system-x86, from bookworm-backports)" in str(exc.value)
+    assert "mkosi 24.x (Debian package mkosi, from bookworm-backports)" in str(exc.value)
+    assert "qemu-img" not in str(exc.value)
