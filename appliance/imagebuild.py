@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import paths
+from . import archive, paths
+from .paths import HOST_PATH
 from .errors import BuildError
 from .profiles import ProfileSet
 from .render import render, tree_hash
 from .site import Site
 
-# mkosi must find ukify's python3-pefile under Debian's own interpreter, not a pyenv one.
-HOST_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEEP_PER_VARIANT = 2
 
 
@@ -85,13 +84,23 @@ class Builder:
         self.log = log
         self.build_root = build_root
         self.images_root = images_root
+        self._archive: archive.ArchiveState | None = None
+
+    @property
+    def archive_state(self) -> archive.ArchiveState:
+        """What Debian has published, asked once per builder (one `build` command)."""
+        if self._archive is None:
+            self._archive = archive.current()
+        return self._archive
 
     def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
         variant = variant_name(role, extra)
         dest = self.build_root / self.site.name / variant
         render(self.site, role, self.profiles.compose(role, list(extra)), self.profiles.overlay_dir,
                dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE)
-        salt = (Path(__file__).read_bytes() + mkosi_version().encode())
+        # The Debian archive's state is an input too: a published security update is a
+        # new image.
+        salt = Path(__file__).read_bytes() + mkosi_version().encode() + self.archive_state.token.encode()
         return dest, tree_hash(dest, salt)
 
     def build(self, role: str, extra: tuple[str, ...] = (), refresh: bool = False) -> Artifact:
@@ -126,6 +135,11 @@ class Builder:
         logpath = paths.CACHE / "logs" / f"{self.site.name}-{variant}-{stamp}.log"
         cmd = ["mkosi", "--directory", str(builddir), "--output-dir", str(staging),
                "--workspace-dir", str(paths.CACHE / "work"), "--force", "build"]
+        cache = paths.MKOSI_CACHE / role
+        if not refresh and not archive.cache_is_from(cache, self.archive_state):
+            self.log(f"{variant}: Debian's package indexes differ from those {role}'s cache was built from: "
+                     "resolving every package afresh")
+            refresh = True
         if refresh:
             cmd.insert(-1, "--force")  # -ff: also drop the incremental cache, re-resolve packages
         self.log(f"{variant}: building with mkosi (input {digest[:12]}; log {logpath})")
@@ -148,6 +162,7 @@ class Builder:
             if not raw.exists():
                 raise BuildError(f"{variant}: mkosi succeeded but wrote no {raw.name}", hint=f"full mkosi log: {logpath}")
             elapsed = time.monotonic() - started
+            archive.record_cache_state(cache, self.archive_state)
             self._write_manifest(staging, role, variant, digest, elapsed, logpath)
             (staging / "complete").touch()
             final = paths.STORE / digest
@@ -161,9 +176,11 @@ class Builder:
     def _explain_failure(variant: str, logpath: Path, rc: int) -> str:
         lines = logpath.read_text(errors="replace").splitlines()
         for i, line in enumerate(lines):
-            if line.startswith("CONFIG CHECK FAILED"):
+            if line.startswith(("CONFIG CHECK FAILED", "POSTINST FAILED")):
                 detail = [l for l in lines[i:i + 25] if not l.startswith("‣")]
-                return f"{variant}: a rendered configuration was rejected by its checker:\n  " + "\n  ".join(detail)
+                what = ("a rendered configuration was rejected by its checker" if line.startswith("CONFIG")
+                        else "a profile's postinst command failed inside the image")
+                return f"{variant}: {what}:\n  " + "\n  ".join(detail)
         step = next((l[2:] for l in reversed(lines) if l.startswith("‣  ")), "unknown step")
         tail = "\n  ".join(lines[-25:])
         return f"{variant}: mkosi failed (exit {rc}) during: {step.strip()}\n  last lines of the log:\n  {tail}"
@@ -186,6 +203,8 @@ class Builder:
             "build_seconds": round(elapsed, 1),
             "mkosi": mkosi_version(),
             "distribution": "debian trixie",
+            # Each suite's InRelease date and package index checksum when the image was built.
+            "debian_archive": self.archive_state.suites,
             "image": {"file": raw.name, "sha256": sha256_file(raw),
                       "apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512},
             "packages": packages,

@@ -297,6 +297,14 @@ def stage_role(image: Path, role: str, key: str, log: Callable[[str], None]) -> 
     return stage, info
 
 
+def debian_snapshot(info: dict) -> str:
+    """The Debian archive an image was built from, as one annotation value."""
+    suites = info.get("debian_archive")
+    if not suites:  # an image built before the builder recorded the archive
+        return f"{info.get('distribution', 'debian trixie')}, packages as of {info.get('built_at', '')}"
+    return "; ".join(f"{suite} as published {v['date']}" for suite, v in sorted(suites.items()))
+
+
 def publish(ref: Ref, images: dict[str, Path], key: str, version: str,
             log: Callable[[str], None], push_blob=None) -> tuple[str, list[Release]]:
     """Push every role's release, then the index under the tag. Returns the index digest."""
@@ -329,9 +337,9 @@ def publish(ref: Ref, images: dict[str, Path], key: str, version: str,
             "org.opencontainers.image.revision": commit,
             "org.opencontainers.image.created": info.get("built_at", ""),
             "org.mailcluster.input-hash": info.get("input_hash", ""),
-            # Packages come from the Debian mirror as it was at build time; the exact
-            # versions are in the package manifest layer.
-            "org.mailcluster.debian": f"{info.get('distribution', 'debian trixie')}, packages as of {info.get('built_at', '')}",
+            # The Debian archive the packages came from: each suite as published then
+            # (InRelease dates); the exact versions are in the package manifest layer.
+            "org.mailcluster.debian": debian_snapshot(info),
             "org.mailcluster.site": info.get("site", ""),
         }
         manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "artifactType": ARTIFACT,

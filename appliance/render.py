@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import archive
 from .errors import ConfigError
 from .profiles import Partition, Profile, resolved_partitions, resolved_ports
 from .site import Site
@@ -42,21 +43,8 @@ SKELETON = {
 
 
 # This exact file name replaces mkosi's own list, which adds an unreachable debian-debug
-# repository. Security updates come in at every build (the image cache is keyed by input
-# hash; `build --refresh` re-resolves packages).
-APT_SOURCES = """\
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie trixie-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: trixie-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
+# repository. The suites come from appliance/archive.py, which also tracks their state.
+APT_SOURCES = archive.apt_sources()
 
 
 def site_layer(site: Site, layers: list[Profile]) -> Profile:
@@ -193,14 +181,22 @@ def _repart(p: Partition) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _postinst(checks: list[tuple[str, str]]) -> str:
-    """Runs inside the image: each layer's config checkers, failing loudly on the first error."""
+def _postinst(commands: list[tuple[str, str]], checks: list[tuple[str, str]]) -> str:
+    """Runs inside the image: each layer's build-time commands, then every layer's config
+    checkers, failing loudly on the first error."""
     lines = [
         "#!/bin/bash",
-        "# Generated: runs every rendered daemon configuration through the daemon's own checker.",
+        "# Generated: each layer's postinst commands, then every rendered daemon configuration",
+        "# through the daemon's own checker.",
         "set -uo pipefail",
         "fail() { echo \"CONFIG CHECK FAILED ($1): $2\" >&2; echo \"$3\" >&2; exit 1; }",
     ]
+    for layer, cmd in commands:
+        q = cmd.replace("'", "'\\''")
+        lines += [
+            f"echo 'postinst ({layer}): {q}'",
+            f"if ! out=$( {cmd} 2>&1 ); then echo 'POSTINST FAILED ({layer}): {q}' >&2; echo \"$out\" >&2; exit 1; fi",
+        ]
     for layer, cmd in checks:
         q = cmd.replace("'", "'\\''")
         lines += [
@@ -242,7 +238,6 @@ def render(
         "role": role,
         "layers": [l.name for l in layers],
         "ports": resolved_ports(layers, site),
-        "admin_ports": resolved_ports(layers, admin=True),
         # Filters take the mailstores' outgoing mail here (no PROXY header, mailstores only).
         "outbound_port": OUTBOUND_PORT,
     }
@@ -277,6 +272,7 @@ def render(
         "Host": {"Incremental": "yes"},
     }))
 
+    commands: list[tuple[str, str]] = []
     checks: list[tuple[str, str]] = []
     for i, layer in enumerate(layers):
         idx = f"{(i + 1) * 10:02d}"
@@ -308,6 +304,7 @@ def render(
             f"# Generated from {_source_name(layer)}: {layer.description}\n"
             + _ini(sections)
         )
+        commands += [(layer.name, c) for c in layer.postinst]
         checks += [(layer.name, c) for c in layer.checks]
 
     repart = dest / "mkosi.repart"
@@ -316,7 +313,7 @@ def render(
         (repart / f"{part.order:02d}-{name}.conf").write_text(_repart(part))
 
     script = dest / "mkosi.postinst.chroot"
-    script.write_text(_postinst(checks))
+    script.write_text(_postinst(commands, checks))
     script.chmod(0o755)
 
     (dest / "layers.json").write_text(json.dumps(

@@ -1,0 +1,63 @@
+"""Images follow the Debian archive: a published package is a new input, a re-signed but
+unchanged archive is not."""
+import pytest
+
+from appliance import archive
+from appliance.errors import BuildError
+from appliance.imagebuild import Builder
+
+INRELEASE = """\
+-----BEGIN PGP SIGNED MESSAGE-----
+Hash: SHA256
+
+Origin: Debian
+Suite: stable-security
+Codename: trixie-security
+Date: {date}
+SHA256:
+ {other} 1234 main/binary-arm64/Packages.xz
+ {index} 5678 main/binary-amd64/Packages.xz
+ {other} 910 main/source/Sources.xz
+-----BEGIN PGP SIGNATURE-----
+"""
+
+
+def state(index: str, date: str = "Sat, 28 Nov 2026 10:00:00 UTC") -> archive.ArchiveState:
+    text = INRELEASE.format(date=date, index=index, other="f" * 64)
+    return archive.ArchiveState({s: archive.parse_inrelease(text, "http://x/InRelease") for _, s in archive.SUITES})
+
+
+def test_inrelease_gives_the_amd64_package_index_and_date():
+    got = state("a" * 64).suites["trixie-security"]
+    assert got == {"date": "Sat, 28 Nov 2026 10:00:00 UTC", "packages_sha256": "a" * 64}
+
+
+def test_a_page_that_is_not_an_inrelease_is_an_error():
+    with pytest.raises(BuildError, match="not a Debian InRelease file"):
+        archive.parse_inrelease("<html>captive portal</html>", "http://deb.debian.org/debian/dists/trixie/InRelease")
+
+
+def test_new_packages_change_the_image_input_and_a_new_signature_date_does_not(profiles, site, monkeypatch, tmp_path):
+    builder = Builder(profiles, site, log=lambda m: None, build_root=tmp_path)
+
+    def digest(st: archive.ArchiveState) -> str:
+        builder._archive = st
+        return builder.render("filter")[1]
+
+    before = digest(state("a" * 64))
+    assert digest(state("a" * 64, date="Sun, 29 Nov 2026 04:00:00 UTC")) == before
+    assert digest(state("b" * 64)) != before
+
+
+def test_the_cache_is_refreshed_when_it_was_built_from_another_state(tmp_path):
+    old, new = state("a" * 64), state("b" * 64)
+    assert not archive.cache_is_from(tmp_path, old)  # no record: never trusted
+    archive.record_cache_state(tmp_path, old)
+    assert archive.cache_is_from(tmp_path, old)
+    assert not archive.cache_is_from(tmp_path, new)
+
+
+def test_the_pin_is_what_every_build_of_the_run_sees(monkeypatch):
+    pinned = state("c" * 64)
+    monkeypatch.setenv(archive.PIN_ENV, pinned.to_json())
+    assert archive.current().token == pinned.token
