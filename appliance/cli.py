@@ -12,7 +12,7 @@ import click
 from . import host, paths, qemu
 from .errors import ApplianceError
 from .imagebuild import Builder, variant_name
-from .profiles import ProfileSet, resolved_partitions, resolved_ports
+from .profiles import ProfileSet, port_numbers, resolved_partitions, resolved_ports
 from .site import Site, load_site
 
 
@@ -156,7 +156,9 @@ def list_(obj: Context) -> None:
         click.echo(f"  packages: {', '.join(pkgs)}")
         click.echo(f"  overlays: {', '.join(o for l in layers for o in l.overlays)}")
         click.echo(f"  services: {', '.join(s for l in layers for s in l.services.enable)}")
-        click.echo(f"  ports:    {', '.join(f'{k} {v}' for k, v in ports.items())}")
+        shown = [f"{name} {p.port}" + ("" if p.allow == ["world"] else f" ({'/'.join(p.allow)} only)")
+                 for name, p in ports.items()]
+        click.echo(f"  ports:    {', '.join(shown)}")
     others = sorted(n for n, p in ps.profiles.items() if p.kind != "role")
     click.echo(f"layers: {', '.join(others)}")
 
@@ -180,7 +182,7 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
         "packages": [p for l in composed for p in l.packages] + list(obj.site.image.extra_packages),
         "services": {"enable": [s for l in composed for s in l.services.enable],
                      "disable": [s for l in composed for s in l.services.disable]},
-        "ports": resolved_ports(composed, obj.site),
+        "ports": {k: p.model_dump() for k, p in resolved_ports(composed, obj.site).items()},
         "partitions": {k: v.model_dump(exclude_none=True) for k, v in resolved_partitions(composed).items()},
         "checks": [c for l in composed for c in l.checks],
         "mkosi": {p.name: p.read_text() for p in sorted((builddir / "mkosi.conf.d").glob("*.conf"))},
@@ -228,7 +230,8 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
     image = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
     if not image.exists():
         raise ApplianceError(f"{image}: no image built for role {role}", hint=f"run ./build.py build {role}")
-    ports = resolved_ports(obj.profiles.compose(role), site)
+    declared = resolved_ports(obj.profiles.compose(role), site)
+    ports = port_numbers(declared)
     spec = qemu.VMSpec(
         name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
         memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},
@@ -238,7 +241,10 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
     qemu.prepare(spec, fresh=not existing)
     echo(f"booting {target.name} ({role}) under TCG; this takes about a minute")
     for name, guest in ports.items():
-        echo(f"  {name:6} guest port {guest:4} -> 127.0.0.1:{spec.forwards[guest]}")
+        # This host is outside the site's networks: the node's firewall answers it only
+        # on the ports open to the world.
+        reach = "" if "world" in declared[name].allow else f"  (firewall: {'/'.join(declared[name].allow)} only)"
+        echo(f"  {name:6} guest port {guest:4} -> 127.0.0.1:{spec.forwards[guest]}{reach}")
     echo("  serial console below; Ctrl-A X quits QEMU, Ctrl-C powers the guest off")
     proc = qemu.QemuProcess(spec)
     proc.start()
@@ -390,7 +396,8 @@ def run_cluster(obj: Context, memory: int) -> None:
         images[role] = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
         if not images[role].exists():
             raise ApplianceError(f"{images[role]}: no image built for role {role}", hint="run ./build.py build")
-    ports = {role: sorted(set(resolved_ports(obj.profiles.compose(role), site).values())) for role in site.roles}
+    ports = {role: sorted(set(port_numbers(resolved_ports(obj.profiles.compose(role), site)).values()))
+             for role in site.roles}
     c = Cluster(site, images, paths.IMAGES / site.name / "run-cluster", forwards=lambda n: ports[n.role],
                 secrets=Secrets(paths.SECRETS / site.name), agent=False, memory_mb=memory)
     names = [n.name for n in site.nodes]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from . import paths
 from .errors import ConfigError
@@ -30,6 +30,23 @@ class _Model(BaseModel):
 class Services(_Model):
     enable: list[str] = []
     disable: list[str] = []
+
+
+# Who may connect to a port: the world, the site's admin network, the whole cluster
+# network (nodes that are joining included), or the current members of one role.
+Source = Literal["world", "admin", "cluster", "frontends", "filters", "mailstores"]
+
+
+class Port(_Model):
+    """A TCP port a role serves, and who may connect to it (nftables enforces it)."""
+
+    port: int = Field(ge=1, le=65535)
+    allow: list[Source] = Field(default=["world"], min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_number(cls, value: object) -> object:
+        return {"port": value} if isinstance(value, int) else value  # `smtp: 25`: open to the world
 
 
 class Partition(_Model):
@@ -53,9 +70,11 @@ class Profile(_Model):
     overlays: list[str] = []
     services: Services = Services()
     partitions: dict[str, Partition] = {}
-    ports: dict[str, int] = Field(default={}, description="service name -> TCP port the role serves")
-    admin_ports: dict[str, int] = Field(
-        default={}, description="service name -> TCP port reachable from the site's admin network only")
+    ports: dict[str, Port] = Field(
+        default={}, description="service name -> TCP port the role serves: a number (open to the world) "
+                                "or {port: N, allow: [admin, cluster, frontends, filters, mailstores]}")
+    postinst: list[str] = Field(default=[], description="commands run inside the image at build time, "
+                                                        "after the overlays and before every layer's checks")
     checks: list[str] = Field(default=[], description="commands run inside the image at build time")
     mkosi: dict[str, dict[str, MkosiValue]] = Field(default={}, description="raw mkosi settings by section")
 
@@ -146,17 +165,22 @@ class ProfileSet:
         return layers
 
 
-def resolved_ports(layers: list[Profile], site: "Site | None" = None, admin: bool = False) -> dict[str, int]:
-    """Ports the composed role serves: its layers' (a later layer wins), plus those the
-    site adds to the role (a frontend's submission ports). admin=True: the ones open to
-    the admin network only."""
-    ports: dict[str, int] = {}
+def resolved_ports(layers: list[Profile], site: "Site | None" = None) -> dict[str, Port]:
+    """Ports the composed role serves and who may connect: its layers' (a later layer
+    wins), then what the site opens to the world for the role (a frontend's submission
+    ports; a filter's port 25 when the filters are the MX)."""
+    ports: dict[str, Port] = {}
     for layer in layers:
-        ports.update(layer.admin_ports if admin else layer.ports)
-    if site is not None and not admin:
+        ports.update(layer.ports)
+    if site is not None:
         role = next((l.name for l in layers if l.kind == "role"), "")
-        ports.update(site.site_ports(role))
+        ports.update({name: Port(port=n) for name, n in site.site_ports(role).items()})
     return ports
+
+
+def port_numbers(ports: dict[str, Port], source: "Source | None" = None) -> dict[str, int]:
+    """name -> port number, optionally only the ports open to `source`."""
+    return {name: p.port for name, p in ports.items() if source is None or source in p.allow}
 
 
 def resolved_partitions(layers: list[Profile]) -> dict[str, Partition]:

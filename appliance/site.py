@@ -190,9 +190,11 @@ class Site(_Model):
         )
 
     def site_ports(self, role: str) -> dict[str, int]:
-        """Ports a role serves because of this site (on top of its profile's)."""
+        """Ports this site opens to the world for a role (on top of its profile's)."""
         if role == "frontend" and self.nodes_with_role("frontend"):
             return {FRONTEND_PORTS[p]: p for p in self.frontend.ports}
+        if role == "filter" and not self.nodes_with_role("frontend"):
+            return {"smtp": 25}  # no frontend: the filters are the MX (round-robin DNS)
         return {}
 
     def proxied_submission_ports(self) -> dict[int, int]:

@@ -18,13 +18,13 @@ def test_help_lists_every_command():
 def test_list_shows_roles_and_contents():
     r = cli("list")
     assert r.returncode == 0
-    assert "mailstore:" in r.stdout and "dovecot-imapd" in r.stdout and "base -> mailstore -> site" in r.stdout
+    assert "mailstore:" in r.stdout and "dovecot-imapd" in r.stdout and "base -> hardened -> mailstore -> site" in r.stdout
 
 
 def test_show_prints_resolved_configuration():
     r = cli("show", "frontend")
     assert r.returncode == 0, r.stderr
-    assert "haproxy" in r.stdout and '"smtp": 25' in r.stdout and "10-base.conf" in r.stdout
+    assert "haproxy" in r.stdout and '"smtp": {"port": 25, "allow": ["world"]}' in r.stdout and "10-base.conf" in r.stdout
 
 
 def test_bad_site_file_exit_code_and_message(tmp_path):

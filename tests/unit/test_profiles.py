@@ -32,7 +32,7 @@ def edit(path: Path, fn):
 def test_roles_and_chain_order():
     ps = ProfileSet.load()
     assert ps.roles == ["filter", "frontend", "mailstore"]
-    assert [p.name for p in ps.compose("mailstore", ["test"])] == ["base", "mailstore", "test"]
+    assert [p.name for p in ps.compose("mailstore", ["test"])] == ["base", "hardened", "mailstore", "test"]
 
 
 def test_a_layer_is_not_a_role():
