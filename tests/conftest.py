@@ -1,18 +1,40 @@
 """Shared fixtures: the example site, test-layer images (built once per input hash), VMs."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import pytest
 
-from appliance import paths
+from appliance import archive, paths
+from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
-from appliance.profiles import ProfileSet, resolved_ports
+from appliance.profiles import ProfileSet, port_numbers, resolved_ports
 from appliance.site import load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
 
 _live: list[Machine] = []
+
+# A terminated run (a CI time limit, a stopped job) unwinds like Ctrl-C: pytest stops the
+# session and fixtures still power their guests off. (SystemExit would only fail the
+# current test, and the next one would boot a new cluster.)
+def _terminated(*_):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
+signal.signal(signal.SIGTERM, _terminated)
+
+
+def pytest_configure(config):
+    """One state of the Debian archive for the whole run: xdist workers and the builds
+    they start inherit it, so a package Debian publishes mid-run changes no image."""
+    if archive.PIN_ENV not in os.environ and not hasattr(config, "workerinput"):
+        try:
+            os.environ[archive.PIN_ENV] = archive.current().to_json()
+        except ApplianceError:
+            pass  # each build then asks itself, and says what is wrong
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +56,9 @@ def test_images(profiles, site):
 
 
 def role_ports(profiles, site, role: str) -> list[int]:
-    """Every port a role serves, admin-only ones included: tests check those are closed
-    to the host, whose forwarded connections come from outside the admin network."""
-    layers = profiles.compose(role)
-    return sorted({*resolved_ports(layers, site).values(), *resolved_ports(layers, admin=True).values()})
+    """Every port a role serves, the restricted ones included: tests check those are
+    closed to the host, whose forwarded connections come from outside the site."""
+    return sorted(set(port_numbers(resolved_ports(profiles.compose(role), site)).values()))
 
 
 @pytest.fixture(scope="session")
