@@ -355,10 +355,13 @@ class Cluster:
         self.machines[node.name] = m
         return m
 
-    def boot(self, *names: str, timeout: float = 300,
+    def boot(self, *names: str, timeout: float = 600,
              created: Callable[[list[Machine]], None] | None = None) -> list[Machine]:
         """Start the named nodes together (their boots overlap) and, with the test agent,
-        wait until each answers. `created` sees the machines before anything can fail."""
+        wait until each answers. `created` sees the machines before anything can fail.
+
+        Four guests under TCG on two cores take 3 to 4 minutes when nothing else runs; an
+        image build alongside (the other test worker) has stretched one to over 5."""
         machines = [self.machine(self.site.node(n)) for n in names]
         if created:
             created(machines)
