@@ -43,7 +43,9 @@ def gnupg(tmp_path_factory):
     pub = home / "release.asc"
     pub.write_bytes(subprocess.run(["gpg", "--armor", "--export", "release@example.org"], env={**os.environ, **env},
                                    check=True, capture_output=True).stdout)
-    return env, pub
+    yield env, pub
+    # gpg started an agent for this keyring; it would outlive the run.
+    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env={**os.environ, **env}, capture_output=True)
 
 
 @pytest.fixture(scope="module")

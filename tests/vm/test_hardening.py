@@ -1,6 +1,7 @@
 """Hardening, measured on every role image as it runs: the firewall as seen from the
 cluster network and from outside the site, SSH refusing passwords, the mail daemons'
-systemd sandboxes, Lynis's hardening index, and TLS as testssl.sh sees it."""
+systemd sandboxes, and TLS as testssl.sh sees it. Lynis's hardening index is measured by
+bench/hardening.py, not here: three audits under TCG cost over 15 minutes of the suite."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,7 +13,7 @@ import pytest
 from appliance.qemu import USER_NET_HOST
 from appliance.vm import subtest
 from tests.vm.mail import new_tokens, send, wait_in_mailboxes
-from tests.vm.audit import (DAEMONS, exposure, listening, lynis, reachable, tls_scan, filter_smtp_tls_scan,
+from tests.vm.audit import (DAEMONS, exposure, listening, reachable, tls_scan, filter_smtp_tls_scan,
                             tls_problems, tls_summary)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -35,7 +36,6 @@ FROM_PEER = {
     ("store1", "filter1"): {22, 25, 143, 587, 993},
     ("store1", "fe1"): {22, 143, 587, 993, 10587},
 }
-LYNIS_TARGET = 80
 EXPOSURE_LIMIT = 5.0  # systemd-analyze's "MEDIUM" or better
 
 
@@ -131,7 +131,8 @@ def test_the_node_is_locked_down(cluster, role):
         m.wait_for_unit("auditd.service")
         rules = m.succeed("auditctl -l")
         for key in ("identity", "sshd-config", "mail-config", "firewall", "modules"):
-            assert f"key={key}" in rules, key
+            # auditctl lists file watches as "-k KEY" and syscall rules as "-F key=KEY".
+            assert f"-k {key}" in rules or f"key={key}" in rules, key
         m.succeed("touch /etc/ssh/sshd_config")
         m.wait_until_succeeds("ausearch -k sshd-config -i | grep -q sshd_config", timeout=60)
     with subtest("journal survives a reboot, within bounds"):
@@ -153,9 +154,11 @@ def test_apparmor_confines_the_daemons_and_mail_flows_without_a_denial(cluster):
     for name, expected in CONFINED.items():
         m = cluster[name]
         assert m.succeed("aa-enabled").strip() == "Yes"
-        labels = {comm: label for label, comm in
-                  (line.rsplit(None, 1) for line in m.succeed("ps -eo label=,comm=").splitlines())}
-        assert {comm: labels.get(comm) for comm in expected} == expected, name
+        # (comm, label) pairs, not a dict: Postfix and Dovecot each run an "anvil".
+        running = {(comm, label) for label, comm in
+                   (line.rsplit(None, 1) for line in m.succeed("ps -eo label=,comm=").splitlines())}
+        missing = {(comm, label) for comm, label in expected.items()} - running
+        assert not missing, f"{name}: not running so confined: {sorted(missing)}; running: {sorted(running)}"
     for name in CONFINED:
         # The profiles compiled at build time match this kernel: boots load them, never
         # compile them (20 s per boot under emulation).
@@ -177,24 +180,6 @@ def test_mail_daemons_run_sandboxed(cluster, role):
 
 
 # ---- audits ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lynis_reports(cluster):
-    """One Lynis audit per role, run on the three nodes at once."""
-    with concurrent.futures.ThreadPoolExecutor(len(NODES)) as pool:
-        reports = dict(zip(NODES, pool.map(lambda r: lynis(cluster[NODES[r]]), NODES)))
-    return reports
-
-
-@pytest.mark.parametrize("role", sorted(NODES))
-def test_lynis_hardening_index(lynis_reports, role):
-    report = lynis_reports[role]
-    print(f"{role}: Lynis hardening index {report['hardening_index']} "
-          f"({report['tests_performed']} tests); suggestions: {report['suggestions']}")
-    assert report["hardening_index"] >= LYNIS_TARGET, (
-        f"{role}: Lynis hardening index {report['hardening_index']} < {LYNIS_TARGET}\n"
-        + "\n".join(report["warnings"] + report["suggestions"]))
-
-
 def test_tls_on_the_filters_port_25_and_the_mailstores_993(cluster):
     smtp = filter_smtp_tls_scan(cluster["filter1"])
     imaps = tls_scan(cluster["store1"].forward(993))
