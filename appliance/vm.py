@@ -56,7 +56,7 @@ class Machine:
         self._booted_once = False
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self, boot_timeout: float = 300, wait: bool = True, fresh: bool = False) -> None:
+    def start(self, boot_timeout: float = 600, wait: bool = True, fresh: bool = False) -> None:
         """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent.
 
         wait=False returns once QEMU runs, so several guests can boot at once; then
@@ -71,7 +71,7 @@ class Machine:
         if wait:
             self.wait_started(boot_timeout)
 
-    def wait_started(self, timeout: float = 300) -> None:
+    def wait_started(self, timeout: float = 600) -> None:
         if self.spec.agent and self._agent is None:
             self._connect_agent(timeout)
 

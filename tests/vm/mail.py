@@ -149,9 +149,10 @@ def wait_delivered(store: Machine) -> None:
         store.wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=300)
     except AssertionError as e:
         e.add_note("mail queue (with deferral reasons):\n" + store.execute("postqueue -p | tail -20")[1])
+        # Dovecot says "Internal error" over LMTP and the reason only in its own log.
+        e.add_note("Dovecot's errors this boot:\n" + store.execute(
+            "journalctl -b --no-pager -o short-monotonic -u dovecot -p warning | tail -30")[1])
         raise
-
-
 
 
 # ---- through the frontend ------------------------------------------------------------
