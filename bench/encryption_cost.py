@@ -23,6 +23,7 @@ from mailload import send_script, sent_seconds
 from tests.vm.mail import USERS, wait_mail_up
 MAIN = "/etc/dovecot/dovecot.conf"
 PLAIN = "/run/bench/dovecot-plain.conf"
+SIDES = (("encrypted", 24, MAIN), ("plain", 2424, PLAIN))  # (name, LMTP port, configuration)
 SETUP = rf"""
 set -e
 install -d /run/bench
@@ -67,8 +68,7 @@ def main(messages: int, rounds: int, size: int) -> None:
         wait_mail_up(m)
         m.succeed(SETUP)
         for r in range(rounds):
-            sides = [("encrypted", 24, MAIN), ("plain", 2424, PLAIN)]
-            for side, port, conf in (sides if r % 2 == 0 else sides[::-1]):
+            for side, port, conf in (SIDES if r % 2 == 0 else SIDES[::-1]):
                 secs = sent_seconds(m.succeed(send_script("lmtp", "127.0.0.1", port, messages, size, USERS),
                                               timeout=3600))
                 rate[side].append(messages / secs)
