@@ -26,16 +26,10 @@ import os
 import secrets as pysecrets
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
+from .passwords import hash_password
 from .site import Node, Site
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt  # SHA512-CRYPT, which Dovecot verifies natively
-
-HASH_ROUNDS = 200_000
 
 
 class Secrets:
@@ -68,7 +62,7 @@ class Secrets:
         pw = self.user_password(address)
         return self.get_or_create(
             "users", f"{address}.hash",
-            make=lambda: "{SHA512-CRYPT}" + crypt.crypt(pw, crypt.mksalt(crypt.METHOD_SHA512, rounds=HASH_ROUNDS)))
+            make=lambda: hash_password(pw))
 
     def join_key(self) -> str:
         """The site's join key: an ed25519 SSH private key (OpenSSH format)."""

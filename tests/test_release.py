@@ -365,10 +365,10 @@ def test_dist_is_one_file_that_runs_without_the_checkout(tmp_path):
 def test_registry_credentials_come_from_the_auth_file(tmp_path, monkeypatch):
     """A registry that wants a login: refused with what to do, then accepted with the
     entry `docker login` writes; the password never appears on a command line."""
-    import crypt
+    from appliance.passwords import crypt, gensalt
     d = tmp_path / "registry"
     d.mkdir()
-    (d / "htpasswd").write_text("publisher:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    (d / "htpasswd").write_text("publisher:" + crypt("s3cret", gensalt("$2b$")) + "\n")
     served = serve_registry(d, f"auth:\n  htpasswd:\n    realm: test\n    path: {d}/htpasswd\n", ready=(401,))
     host, _ = next(served)
     try:
