@@ -1,4 +1,8 @@
-"""Host set-up: what a Debian 12 build machine needs, installed idempotently."""
+"""Host set-up: what a Debian 12 or 13 build machine needs, installed idempotently.
+
+Debian 12 takes mkosi, systemd's boot tools, QEMU 10 and testssl.sh from
+bookworm-backports (bookworm's own are too old); Debian 13 has all of them itself and
+gets no extra apt source."""
 from __future__ import annotations
 
 import os
@@ -24,11 +28,18 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """
 
 
+# The hosts setup installs on (Debian VERSION_ID), and the mkosi versions the renderer
+# writes configuration for (appliance/render.py reads the same range).
+RELEASES = ("12", "13")
+MKOSI_VERSIONS = ((24, 0), (26, 0))
+
+
 @dataclass(frozen=True)
 class Need:
     what: str                      # a command on PATH or an absolute path
     package: str
-    backports: bool = False
+    backports: bool = False        # on Debian 12: from bookworm-backports
+    package13: str | None = None   # the package's name on Debian 13, where it differs
     # The (major, minor) versions that will do, read from `what --version`: at least
     # `minimum`, below `below`; any other version counts as missing.
     minimum: tuple[int, int] | None = None
@@ -45,11 +56,23 @@ class Need:
         v = self.version(path) or (0, 0)
         return v >= (self.minimum or (0, 0)) and (self.below is None or v < self.below)
 
+    def package_on(self, release: str) -> str:
+        return self.package13 if release == "13" and self.package13 else self.package
+
     @property
     def wanted_version(self) -> str:
-        if self.below and self.minimum and self.below[0] == self.minimum[0] + 1:
-            return f" {self.minimum[0]}.x"
+        if self.below and self.minimum and self.minimum[1] == 0 and self.below[1] == 0:
+            return " " + " or ".join(f"{v}.x" for v in range(self.minimum[0], self.below[0]))
         return f" {self.minimum[0]}.{self.minimum[1]} or newer" if self.minimum else ""
+
+    def found(self) -> str:
+        path = self.what if self.what.startswith("/") else shutil.which(self.what, path=HOST_PATH)
+        if path is None or not Path(path).exists():
+            return "none"
+        if self.minimum is None and self.below is None:
+            return path
+        v = self.version(path)
+        return f"{path} {v[0]}.{v[1]}" if v else f"{path}, version unreadable"
 
     @staticmethod
     def version(path: str) -> tuple[int, int] | None:
@@ -62,11 +85,11 @@ class Need:
 
 
 NEEDS = [
-    Need("mkosi", "mkosi", backports=True, minimum=(24, 0), below=(25, 0)),  # its config format
-    Need("systemd-repart", "systemd", backports=True),
-    Need("/usr/lib/systemd/ukify", "systemd", backports=True),
+    Need("mkosi", "mkosi", backports=True, minimum=MKOSI_VERSIONS[0], below=MKOSI_VERSIONS[1]),
+    Need("systemd-repart", "systemd", backports=True, package13="systemd-repart"),
+    Need("/usr/lib/systemd/ukify", "systemd", backports=True, package13="systemd-ukify"),
     Need("/usr/lib/systemd/boot/efi/systemd-bootx64.efi", "systemd-boot-efi", backports=True),
-    Need("bootctl", "systemd-boot", backports=True),
+    Need("bootctl", "systemd-boot", backports=True, package13="systemd-boot-tools"),
     Need("/usr/lib/python3/dist-packages/pefile.py", "python3-pefile", backports=True),
     Need("depmod", "kmod"),
     Need("mkfs.vfat", "dosfstools"),
@@ -120,26 +143,32 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
         log("host ready: every build and boot dependency is installed")
         return
     osr = os_release()
-    listing = "\n".join(f"  - {n.what}{n.wanted_version} "
-                        f"(Debian package {n.package}{', from bookworm-backports' if n.backports else ''})" for n in need)
-    if osr.get("ID") != "debian" or osr.get("VERSION_ID") != "12":
+    release = osr.get("VERSION_ID", "") if osr.get("ID") == "debian" else ""
+    if release not in RELEASES:
+        listing = "\n".join(f"  - {n.what}{n.wanted_version} (Debian 12: {n.package}"
+                            f"{' from bookworm-backports' if n.backports else ''}; Debian 13: {n.package_on('13')})"
+                            for n in need)
         raise ApplianceError(
-            f"unsupported host ({osr.get('PRETTY_NAME', 'unknown OS')}); setup installs only on Debian 12. "
+            f"unsupported host ({osr.get('PRETTY_NAME', 'unknown OS')}); setup installs only on Debian 12 or 13. "
             f"This host still needs:\n{listing}",
-            hint="install these by hand (mkosi must be 24.x), or use a Debian 12 machine",
+            hint="install these by hand (or the same tools under your distribution's names), "
+                 "or use a Debian 12 or 13 machine",
         )
+    backports = release == "12"
+    listing = "\n".join(f"  - {n.what}{n.wanted_version} (Debian package {n.package_on(release)}"
+                        f"{', from bookworm-backports' if n.backports and backports else ''})" for n in need)
     if not install:
         raise ApplianceError(f"the host is missing:\n{listing}", hint="run ./build.py setup")
     if os.geteuid() != 0:
         raise ApplianceError(f"setup must install packages as root; missing:\n{listing}", hint="sudo ./build.py setup")
     log(f"host is missing:\n{listing}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if any(n.backports for n in need) and not _has_backports():
+    if backports and any(n.backports for n in need) and not _has_backports():
         log(f"adding the bookworm-backports apt source ({BACKPORTS_SOURCES}) for mkosi 24.3")
         BACKPORTS_SOURCES.write_text(BACKPORTS)
     _apt(["apt-get", "update", "-q"], env, log)
-    bp = sorted({n.package for n in need if n.backports})
-    rest = sorted({n.package for n in need if not n.backports})
+    bp = sorted({n.package_on(release) for n in need if n.backports and backports})
+    rest = sorted({n.package_on(release) for n in need if not (n.backports and backports)})
     if bp:
         _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports", *bp], env, log)
     if rest:
@@ -150,7 +179,8 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
     still = missing()
     if still:
         raise ApplianceError("setup finished but these are still missing:\n"
-                             + "\n".join(f"  - {n.what} ({n.package})" for n in still))
+                             + "\n".join(f"  - {n.what}{n.wanted_version} ({n.package_on(release)}; "
+                                          f"found: {n.found()})" for n in still))
     log("host ready")
 
 

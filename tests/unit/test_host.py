@@ -13,8 +13,8 @@ def test_unsupported_host_gets_a_list_not_a_traceback(monkeypatch):
         host.setup(log=lambda m: None)
     msg = str(exc.value)
     assert "unsupported host (Fedora 41)" in msg
-    assert "mkosi (Debian package mkosi, from bookworm-backports)" in msg
-    assert "vde_switch (Debian package vde2)" in msg
+    assert "mkosi (Debian 12: mkosi from bookworm-backports; Debian 13: mkosi)" in msg
+    assert "vde_switch (Debian 12: vde2; Debian 13: vde2)" in msg
 
 
 def test_check_only_reports_and_installs_nothing(monkeypatch):
@@ -50,3 +50,48 @@ def test_a_version_outside_the_range_counts_as_missing(tmp_path, monkeypatch):
     assert "qemu-system-x86_64 10.0 or newer (Debian package qemu-system-x86, from bookworm-backports)" in str(exc.value)
     assert "mkosi 24.x (Debian package mkosi, from bookworm-backports)" in str(exc.value)
     assert "qemu-img" not in str(exc.value)
+
+
+def _record_setup(monkeypatch, tmp_path, release):
+    ran = []
+    state = {"installed": False}
+    need = [n for n in host.NEEDS if n.what in ("mkosi", "/usr/lib/systemd/ukify", "bootctl", "vde_switch")]
+    monkeypatch.setattr(host, "missing", lambda: [] if state["installed"] else need)
+    monkeypatch.setattr(host, "os_release", lambda: {"ID": "debian", "VERSION_ID": release})
+    monkeypatch.setattr(host, "BACKPORTS_SOURCES", tmp_path / "backports.sources")
+    monkeypatch.setattr(host, "_has_backports", lambda: False)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+
+    def apt(cmd, env, log):
+        ran.append(cmd)
+        state["installed"] = cmd[:2] == ["apt-get", "install"]
+    monkeypatch.setattr(host, "_apt", apt)
+    host.setup(log=lambda m: None)
+    return ran
+
+
+def test_debian_13_installs_its_own_packages_without_backports(monkeypatch, tmp_path):
+    ran = _record_setup(monkeypatch, tmp_path, "13")
+    assert not (tmp_path / "backports.sources").exists()
+    installs = [c for c in ran if c[:2] == ["apt-get", "install"]]
+    assert len(installs) == 1 and "-t" not in installs[0]
+    assert {"mkosi", "systemd-ukify", "systemd-boot-tools", "vde2"} <= set(installs[0])
+
+
+def test_debian_12_takes_the_boot_tools_from_bookworm_backports(monkeypatch, tmp_path):
+    ran = _record_setup(monkeypatch, tmp_path, "12")
+    assert "bookworm-backports" in (tmp_path / "backports.sources").read_text()
+    bp = next(c for c in ran if "-t" in c)
+    assert bp[bp.index("-t") + 1] == "bookworm-backports"
+    assert {"mkosi", "systemd", "systemd-boot"} <= set(bp) and "systemd-ukify" not in bp
+    assert any("vde2" in c and "-t" not in c for c in ran)
+
+
+def test_mkosi_24_and_25_are_supported_and_26_is_not(tmp_path, monkeypatch):
+    mkosi = next(n for n in host.NEEDS if n.what == "mkosi")
+    monkeypatch.setattr(host, "HOST_PATH", str(tmp_path))
+    for version, ok in (("mkosi 24.3", True), ("mkosi 25.3", True), ("mkosi 26.0", False), ("mkosi 23", False)):
+        (tmp_path / "mkosi").write_text(f"#!/bin/sh\necho '{version}'\n")
+        (tmp_path / "mkosi").chmod(0o755)
+        assert mkosi.present() is ok, version
+    assert mkosi.wanted_version == " 24.x or 25.x"
