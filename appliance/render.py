@@ -140,8 +140,23 @@ def _copy_overlay(src: Path, dest: Path, renderer: TemplateRenderer) -> None:
             shutil.copy2(path, target)
 
 
-def _mkosi_sections() -> dict[str, str] | None:
-    """mkosi's own table of setting -> section, when mkosi is installed."""
+# mkosi versions this renderer writes for: 24.x (bookworm-backports) and 25.x (trixie).
+# The host's check (appliance/host.py) and the refusal below read this one range.
+MKOSI_VERSIONS = ((24, 0), (26, 0))
+
+# Where mkosi 24 keeps the settings every image gets; used only when no mkosi can be
+# imported (unit tests on a machine without it). With mkosi installed, its own table
+# says: 25 moved the build-host settings into [Build] and renamed PackageManagerTrees.
+_SECTIONS_24 = {
+    "Distribution": "Distribution", "Release": "Distribution", "Architecture": "Distribution",
+    "PackageManagerTrees": "Distribution", "CacheDirectory": "Output", "PackageCacheDirectory": "Output",
+    "Incremental": "Host",
+}
+
+
+def _mkosi_table() -> dict[str, tuple[str, str]] | None:
+    """The installed mkosi's table: every setting name (old names too) -> (section,
+    current name)."""
     sys.path.append("/usr/lib/python3/dist-packages")
     try:
         from mkosi.config import SETTINGS  # type: ignore
@@ -149,19 +164,48 @@ def _mkosi_sections() -> dict[str, str] | None:
         return None
     finally:
         sys.path.remove("/usr/lib/python3/dist-packages")
-    return {s.name: s.section for s in SETTINGS}
+    table = {}
+    for st in SETTINGS:
+        for name in getattr(st, "compat_names", ()):
+            table[name] = (st.section, st.name)
+    for st in SETTINGS:
+        table[st.name] = (st.section, st.name)
+    return table
+
+
+def mkosi_sections(settings: dict[str, object], fallback: str = "Content") -> dict[str, dict[str, object]]:
+    """Settings by name, grouped into the sections the installed mkosi reads them from
+    (a setting in the wrong section is silently ignored by mkosi 24), under their current
+    names."""
+    table = _mkosi_table()
+    out: dict[str, dict[str, object]] = {}
+    for name, value in settings.items():
+        if table is not None:
+            if name not in table:
+                raise ConfigError(f"mkosi has no setting {name}",
+                                  hint=f"the builder supports mkosi {_versions()}; run ./build.py setup")
+            section, name = table[name]
+        else:
+            section = _SECTIONS_24.get(name, fallback)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _versions() -> str:
+    (lo, _), (hi, _) = MKOSI_VERSIONS
+    return " or ".join(f"{v}.x" for v in range(lo, hi))
 
 
 def _check_mkosi_settings(layer: Profile, section: str, settings: dict) -> None:
     # mkosi silently ignores a setting in the wrong section; refuse it here instead.
-    table = _mkosi_sections()
+    table = _mkosi_table()
     if table is None:
         return
     for key in settings:
         if key not in table:
             raise ConfigError(f"{layer.path}: mkosi.{section}.{key}: unknown mkosi setting")
-        if table[key] != section:
-            raise ConfigError(f"{layer.path}: mkosi.{section}.{key}: belongs in section [{table[key]}], not [{section}]")
+        if table[key][0] != section:
+            raise ConfigError(f"{layer.path}: mkosi.{section}.{key}: belongs in section [{table[key][0]}], not [{section}]")
 
 
 def _source_name(layer: Profile) -> str:
@@ -243,34 +287,32 @@ def render(
     }
     renderer = TemplateRenderer(context)
 
-    (dest / "mkosi.conf").write_text(_ini({
-        "Distribution": {"Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64",
-                         "PackageManagerTrees": "pkgmngr"},
-        "Output": {
-            "Format": "disk",
-            "ImageId": f"mailcluster-{role}",
-            "Output": role,
-            "ManifestFormat": "json",
-            "CompressOutput": "no",
-            "CacheDirectory": str(cache_dir),
-            "PackageCacheDirectory": str(package_cache),
-            "RepartDirectories": "mkosi.repart",
-        },
-        "Content": {
-            "Bootable": "yes",
-            "Bootloader": "systemd-boot",
-            "UnifiedKernelImages": "yes",
-            "Locale": "C.UTF-8",
-            "Timezone": "UTC",
-            "Keymap": "us",
-            "KernelCommandLine": CONSOLE_CMDLINE,
-            "KernelModulesInitrdExclude": ".*",
-            "KernelModulesInitrdInclude": INITRD_MODULES,
-            "SkeletonTrees": "skeleton",
-            "PostInstallationScripts": "mkosi.postinst.chroot",
-        },
-        "Host": {"Incremental": "yes"},
-    }))
+    (dest / "mkosi.conf").write_text(_ini(mkosi_sections({
+        "Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64",
+        "PackageManagerTrees": "pkgmngr",
+        "Format": "disk",
+        "ImageId": f"mailcluster-{role}",
+        "Output": role,
+        "ManifestFormat": "json",
+        "CompressOutput": "no",
+        "CacheDirectory": str(cache_dir),
+        "PackageCacheDirectory": str(package_cache),
+        # Not mkosi's default names (mkosi.repart, mkosi.postinst.chroot): mkosi picks
+        # those up by name as well, and ran the script twice when both applied.
+        "RepartDirectories": "repart",
+        "Bootable": "yes",
+        "Bootloader": "systemd-boot",
+        "UnifiedKernelImages": "yes",
+        "Locale": "C.UTF-8",
+        "Timezone": "UTC",
+        "Keymap": "us",
+        "KernelCommandLine": CONSOLE_CMDLINE,
+        "KernelModulesInitrdExclude": ".*",
+        "KernelModulesInitrdInclude": INITRD_MODULES,
+        "SkeletonTrees": "skeleton",
+        "PostInstallationScripts": "postinst.chroot",
+        "Incremental": "yes",
+    })))
 
     commands: list[tuple[str, str]] = []
     checks: list[tuple[str, str]] = []
@@ -307,12 +349,12 @@ def render(
         commands += [(layer.name, c) for c in layer.postinst]
         checks += [(layer.name, c) for c in layer.checks]
 
-    repart = dest / "mkosi.repart"
+    repart = dest / "repart"
     repart.mkdir()
     for name, part in resolved_partitions(layers).items():
         (repart / f"{part.order:02d}-{name}.conf").write_text(_repart(part))
 
-    script = dest / "mkosi.postinst.chroot"
+    script = dest / "postinst.chroot"
     script.write_text(_postinst(commands, checks))
     script.chmod(0o755)
 

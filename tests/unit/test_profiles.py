@@ -80,5 +80,5 @@ def test_later_layers_win_and_lists_append(tree, tmp_path):
     pk = image["Packages"]
     assert pk.index("linux-image-amd64") < pk.index("postfix") < pk.index("less")  # lists append in layer order
     assert image["KernelCommandLine"][-1] == "quiet"               # site appends last
-    assert "SizeMinBytes=3G" in (out / "mkosi.repart/20-data.conf").read_text()  # site beats role
+    assert "SizeMinBytes=3G" in (out / "repart/20-data.conf").read_text()  # site beats role
     assert list(resolved_partitions(ps.compose("filter"))) == ["esp", "root", "data"]
