@@ -72,6 +72,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def step_times(steps: list[tuple[float, str]], end: float) -> list[dict]:
+    """mkosi's step lines with how long each ran (until the next step began)."""
+    ends = [t for t, _ in steps[1:]] + [end]
+    return [{"step": name, "seconds": round(e - t, 1)} for (t, name), e in zip(steps, ends)]
+
+
 def variant_name(role: str, extra: tuple[str, ...]) -> str:
     return "-".join((role, *extra))
 
@@ -151,10 +157,13 @@ class Builder:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         errors="replace", env={**os.environ, "PATH": HOST_PATH})
                 assert proc.stdout
+                steps: list[tuple[float, str]] = []  # when each of mkosi's steps began
                 for line in proc.stdout:
                     log.write(line)
+                    if line.startswith("‣"):
+                        steps.append((time.monotonic() - started, line.lstrip("‣ ").rstrip()))
                     if line.startswith("‣ ") and not line.startswith("‣  "):
-                        self.log(f"{variant}: {line[2:].rstrip()}")
+                        self.log(f"{variant}: [{steps[-1][0]:5.0f} s] {line[2:].rstrip()}")
                 rc = proc.wait()
             if rc != 0:
                 raise BuildError(self._explain_failure(variant, logpath, rc), hint=f"full mkosi log: {logpath}")
@@ -163,7 +172,7 @@ class Builder:
                 raise BuildError(f"{variant}: mkosi succeeded but wrote no {raw.name}", hint=f"full mkosi log: {logpath}")
             elapsed = time.monotonic() - started
             archive.record_cache_state(cache, self.archive_state)
-            self._write_manifest(staging, role, variant, digest, elapsed, logpath)
+            self._write_manifest(staging, role, variant, digest, elapsed, logpath, step_times(steps, elapsed))
             (staging / "complete").touch()
             final = paths.STORE / digest
             shutil.rmtree(final, ignore_errors=True)
@@ -185,7 +194,8 @@ class Builder:
         tail = "\n  ".join(lines[-25:])
         return f"{variant}: mkosi failed (exit {rc}) during: {step.strip()}\n  last lines of the log:\n  {tail}"
 
-    def _write_manifest(self, staging: Path, role: str, variant: str, digest: str, elapsed: float, logpath: Path) -> None:
+    def _write_manifest(self, staging: Path, role: str, variant: str, digest: str, elapsed: float, logpath: Path,
+                        steps: list[dict]) -> None:
         raw = staging / f"{role}.raw"
         packages = []
         mk_manifest = staging / f"{role}.manifest"
@@ -201,6 +211,8 @@ class Builder:
             "input_hash": digest,
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(elapsed, 1),
+            # Where the build's time went, step by step (bench/build_time.py reads it).
+            "build_steps": steps,
             "mkosi": mkosi_version(),
             "distribution": "debian trixie",
             # Each suite's InRelease date and package index checksum when the image was built.
