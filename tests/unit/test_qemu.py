@@ -57,3 +57,23 @@ def test_secrets_are_generated_once_private_and_hashed(tmp_path):
     assert "userdb_quota_storage_size=512M" in users  # carol's quota from the site
     assert len(creds["mailcluster.mailstore-key"]) == 64
     assert "mailcluster.mailstore-key" not in node_credentials(site, site.node("fe1"), None, s)
+
+
+def test_each_role_boots_on_a_cpu_without_ssse3_or_svm(tmp_path):
+    """Every node's guest gets the baseline CPU under TCG: Hyperscan refuses it (no
+    SSSE3), so a filter's rspamd does not compile its databases at boot, and no guest
+    loads kvm_amd (no SVM). The same for every role, with QEMU's own translation cache."""
+    site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
+    roles = set()
+    for node in site.nodes:
+        creds = node_credentials(site, node, None, Secrets(tmp_path / "secrets"))
+        spec = qemu.VMSpec(name=node.name, image=Path(f"/{node.role}.raw"), state_dir=tmp_path / node.name,
+                           credentials=creds, agent=True, cluster_switch=tmp_path / "sw")
+        cmd = qemu.qemu_command(spec)
+        model, *flags = cmd[cmd.index("-cpu") + 1].split(",")
+        assert model == "qemu64" and "-svm" in flags, cmd
+        assert not any(f.lstrip("+") in ("ssse3", "sse4.1", "sse4.2", "avx", "avx2") for f in flags)
+        assert cmd[cmd.index("-accel") + 1] == "tcg"
+        assert cmd[cmd.index("-smp") + 1] == "2"
+        roles.add(node.role)
+    assert roles == {"filter", "frontend", "mailstore"}
