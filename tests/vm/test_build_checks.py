@@ -9,7 +9,8 @@ from appliance.errors import BuildError
 from appliance.imagebuild import Builder
 from appliance.profiles import ProfileSet
 
-pytestmark = [pytest.mark.build, pytest.mark.xdist_group("vm")]
+# Its own group: a build needs no guest, so it runs beside the VM modules, not between them.
+pytestmark = [pytest.mark.build, pytest.mark.xdist_group("build")]
 
 
 def test_broken_postfix_template_fails_with_postfix_message(tmp_path, site):
