@@ -75,7 +75,7 @@ def main(ctx: click.Context, site_path: Path) -> None:
 @main.command()
 @click.option("--check", is_flag=True, help="Only report what is missing; install nothing.")
 def setup(check: bool) -> None:
-    """Install what this Debian 12 host needs to build and boot images."""
+    """Install what this Debian 12 or 13 host needs to build and boot images."""
     host.setup(log=echo, install=not check)
 
 
