@@ -111,8 +111,10 @@ def dns(obj: Context, topology: str | None) -> None:
 @main.command()
 @click.argument("node")
 @click.option("--format", "fmt", type=click.Choice(["smbios", "files"]), default="smbios", show_default=True,
-              help="smbios: QEMU arguments on stdout; files: one file per credential in --output.")
-@click.option("--output", type=click.Path(path_type=Path), help="Directory for --format files (created 0700).")
+              help="smbios: one SMBIOS table file for QEMU (-smbios file=OUTPUT); files: one file per "
+                   "credential in the directory OUTPUT.")
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="The file (smbios) or directory (files) to create, readable by you only.")
 @click.pass_obj
 def credentials(obj: Context, node: str, fmt: str, output: Path | None) -> None:
     """Everything that makes NODE itself (identity, peers, keys) as systemd credentials.
@@ -127,10 +129,15 @@ def credentials(obj: Context, node: str, fmt: str, output: Path | None) -> None:
     target = site.node(node)
     creds = node_credentials(site, target, target.mac, Secrets(paths.SECRETS / site.name))
     if fmt == "smbios":
-        click.echo(" ".join(shlex.quote(a) for a in qemu.smbios_args(creds)))
+        # A file, not arguments: secrets on QEMU's command line are readable by every user.
+        if output.exists():
+            raise ApplianceError(f"{output} exists", hint="choose a new file name; nothing was written")
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(qemu.smbios_table(creds))
+        echo(f"{len(creds)} credentials for {target.name} ({target.role}) in {output}")
+        click.echo(f"-smbios file={shlex.quote(str(output.resolve()))}")
         return
-    if output is None:
-        raise ApplianceError("--format files needs --output DIR", hint="for example --output secrets/cred/" + node)
     if output.exists() and any(output.iterdir()):
         raise ApplianceError(f"{output} is not empty", hint="choose a new directory; nothing was written")
     output.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import shutil
+import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ class VMSpec:
     def ovmf_vars(self) -> Path:
         return self.state_dir / "OVMF_VARS.fd"
 
+    @property
+    def credentials_file(self) -> Path:
+        return self.state_dir / "credentials.smbios"
+
 
 def qemu_command(spec: VMSpec) -> list[str]:
     """Build the QEMU command line for `spec` (pure: tested without booting)."""
@@ -135,16 +140,39 @@ def qemu_command(spec: VMSpec) -> list[str]:
             "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
-    return cmd + smbios_args(spec.credentials)
+    if spec.credentials:
+        cmd += ["-smbios", f"file={spec.credentials_file}"]
+    return cmd
 
 
-def smbios_args(credentials: dict[str, bytes]) -> list[str]:
-    """systemd credentials as SMBIOS type 11 strings, which PID 1 imports at boot."""
-    args = []
-    for name, value in sorted(credentials.items()):
-        b64 = base64.b64encode(value).decode()
-        args += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]
-    return args
+# QEMU numbers the type 11 structure it makes itself from this handle; ours replaces it.
+_OEM_STRINGS, _OEM_HANDLE = 11, 0x0B00
+
+
+def smbios_table(credentials: dict[str, bytes]) -> bytes:
+    """systemd credentials as one SMBIOS type 11 (OEM strings) structure, which PID 1
+    imports at boot. QEMU loads it from a file (`-smbios file=`): passed as
+    `-smbios type=11,value=...` instead, every secret would be on QEMU's command line,
+    which any local user can read in /proc."""
+    strings = [f"io.systemd.credential.binary:{name}={base64.b64encode(value).decode()}".encode()
+               for name, value in sorted(credentials.items())]
+    if not 0 < len(strings) < 256:
+        raise ApplianceError(f"{len(strings)} credentials: an SMBIOS OEM-strings table holds 1 to 255")
+    header = struct.pack("<BBHB", _OEM_STRINGS, 5, _OEM_HANDLE, len(strings))
+    return header + b"".join(s + b"\0" for s in strings) + b"\0"
+
+
+def write_credentials(spec: VMSpec) -> None:
+    """The SMBIOS table QEMU reads at start, readable by this user only."""
+    if not spec.credentials:
+        return
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = spec.credentials_file.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(smbios_table(spec.credentials))
+    tmp.replace(spec.credentials_file)
 
 
 def check_host() -> None:
@@ -178,9 +206,9 @@ class QemuProcess:
 
     def start(self) -> None:
         cmd = qemu_command(self.spec)
-        # For debugging; credentials carry secrets, so only their names are written down.
-        shown = [re.sub(r"^(type=11,value=io\.systemd\.credential\.binary:[^=]+=).*", r"\1<redacted>", a) for a in cmd]
-        (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(shown) + "\n")
+        write_credentials(self.spec)
+        # For debugging (no secret is on it: credentials are in a file of their own).
+        (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         stdio = None if self.spec.interactive else subprocess.DEVNULL
         err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
         self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=True)

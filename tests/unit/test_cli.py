@@ -3,6 +3,7 @@ import base64
 import os
 import re
 import stat
+import struct
 
 
 from appliance import paths
@@ -58,14 +59,33 @@ def test_dns_prints_the_zone_records():
     assert r.returncode == 2 and "hint:" in r.stderr
 
 
+def oem_strings(table: bytes) -> dict[str, bytes]:
+    """An SMBIOS type 11 structure read as the SMBIOS specification lays it out: the
+    formatted part (type, length, handle, count), then NUL-terminated strings."""
+    kind, length, _handle, count = struct.unpack_from("<BBHB", table)
+    assert kind == 11 and length == 5
+    strings = table[length:].split(b"\0")
+    assert strings[count:] == [b"", b""]  # the structure ends with a double NUL
+    out = {}
+    for s in strings[:count]:
+        name, _, value = s.decode().removeprefix("io.systemd.credential.binary:").partition("=")
+        out[name] = base64.b64decode(value)
+    return out
+
+
 def test_credentials_make_a_node_of_an_image(tmp_path):
     env = {**os.environ, "MAILCLUSTER_SECRETS": str(tmp_path / "secrets")}
-    r = cli("credentials", "filter2", env=env)
+    table = tmp_path / "filter2.smbios"
+    r = cli("credentials", "filter2", "--output", str(table), env=env)
     assert r.returncode == 0, r.stderr
-    creds = dict(re.findall(r"io\.systemd\.credential\.binary:([\w.-]+)=(\S+?)'?(?:\s|$)", r.stdout))
-    assert base64.b64decode(creds["mailcluster.node"]) == b"filter2 filter 10.77.0.22\n"
-    assert b"node fe1 frontend 10.77.0.10 active" in base64.b64decode(creds["mailcluster.peers"])
-    assert base64.b64decode(creds["system.hostname"]) == b"filter2"
+    assert r.stdout.strip() == f"-smbios file={table}"
+    assert stat.S_IMODE(table.stat().st_mode) == 0o600
+    creds = oem_strings(table.read_bytes())
+    assert creds["mailcluster.node"] == b"filter2 filter 10.77.0.22\n"
+    assert b"node fe1 frontend 10.77.0.10 active" in creds["mailcluster.peers"]
+    assert creds["system.hostname"] == b"filter2"
+    again = cli("credentials", "filter2", "--output", str(table), env=env)
+    assert again.returncode == 1 and "exists" in again.stderr
 
     out = tmp_path / "cred" / "store1"
     r = cli("credentials", "store1", "--format", "files", "--output", str(out), env=env)
@@ -79,5 +99,5 @@ def test_credentials_make_a_node_of_an_image(tmp_path):
     assert again.returncode == 1 and "is not empty" in again.stderr and key.read_text() == (
         tmp_path / "secrets" / "example" / "nodes" / "store1" / "ecryptfs.passphrase").read_text()
 
-    r = cli("credentials", "store9", env=env)
+    r = cli("credentials", "store9", "--output", str(tmp_path / "x"), env=env)
     assert r.returncode == 2 and "no node named 'store9'" in r.stderr and "known nodes:" in r.stderr

@@ -1,11 +1,14 @@
 """Every QEMU command line the launcher builds keeps guests off the outside world."""
+import base64
 import re
+import stat
 from pathlib import Path
 
 from appliance import qemu
 from appliance.credentials import Secrets, node_credentials
 from appliance.site import load_site
 from appliance import paths
+from tests.unit.test_cli import oem_strings
 
 
 def specs(tmp_path):
@@ -32,13 +35,23 @@ def test_user_networking_is_always_restricted_and_forwards_bind_loopback(tmp_pat
         assert cmd[cmd.index("-accel") + 1].startswith("tcg")
 
 
-def test_credentials_are_passed_as_smbios_type_11(tmp_path):
+def test_credentials_reach_qemu_in_a_private_file_never_on_its_command_line(tmp_path):
+    """Any local user can read a process's command line in /proc: a mailstore's
+    eCryptfs key there would be readable by all of them."""
     site = load_site(paths.EXAMPLE_SITE, ["filter", "frontend", "mailstore"])
-    creds = node_credentials(site, site.node("filter2"), "52:54:00:00:00:02", Secrets(tmp_path / "secrets"))
-    spec = qemu.VMSpec(name="f", image=Path("/i"), state_dir=tmp_path, credentials=creds)
-    smbios = [a for a in qemu.qemu_command(spec) if a.startswith("type=11,")]
-    assert any("io.systemd.credential.binary:system.hostname=" in s for s in smbios)
-    assert b"Address=10.77.0.22/24" in creds["network.network.10-cluster"]
+    creds = node_credentials(site, site.node("store1"), "52:54:00:00:00:02", Secrets(tmp_path / "secrets"))
+    spec = qemu.VMSpec(name="s", image=Path("/i"), state_dir=tmp_path / "vm", credentials=creds)
+    cmd = qemu.qemu_command(spec)
+    line = " ".join(cmd)
+    for name, value in creds.items():
+        for form in (value, base64.b64encode(value)):
+            assert form.decode(errors="replace") not in line, name
+    assert "type=11" not in line
+    assert cmd[cmd.index("-smbios") + 1] == f"file={spec.credentials_file}"
+    qemu.write_credentials(spec)
+    assert stat.S_IMODE(spec.credentials_file.stat().st_mode) == 0o600
+    assert oem_strings(spec.credentials_file.read_bytes()) == creds
+    assert b"Address=10.77.0.31/24" in creds["network.network.10-cluster"]
     assert b"MACAddress=52:54:00:00:00:02" in creds["network.network.10-cluster"]
 
 
