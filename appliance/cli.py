@@ -99,6 +99,16 @@ def build(obj: Context, roles: tuple[str, ...], layers: tuple[str, ...], refresh
 
 
 @main.command()
+@click.pass_obj
+def check(obj: Context) -> None:
+    """Validate the site file offline (no network, no build) and list every problem."""
+    site = obj.site  # raises ConfigError listing each bad key
+    roles = ", ".join(f"{len(site.nodes_with_role(r))} {r}" for r in site.roles)
+    click.echo(f"{obj.site_path}: site {site.name!r} is valid: {len(site.nodes)} nodes ({roles}), "
+               f"{len(site.users)} users, {len(site.backups)} backup pairs")
+
+
+@main.command()
 @click.option("--topology", type=click.Choice(["frontend", "round-robin"]), default=None,
               help="Default: frontend when the site has one, else round-robin.")
 @click.pass_obj

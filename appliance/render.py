@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -69,10 +70,21 @@ _SPACE_LISTS = {"KernelCommandLine", "KernelCommandLineExtra", "Environment"}
 
 def _ini_value(key: str, v: object) -> str:
     if isinstance(v, list):
-        return (" " if key in _SPACE_LISTS else ",").join(str(x) for x in v)
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
+        items = [str(x) for x in v]
+        sep = " " if key in _SPACE_LISTS else ","
+        if any(sep in x or not x for x in items):
+            raise ConfigError(f"mkosi setting {key}: item {next(x for x in items if sep in x or not x)!r} "
+                              f"is empty or contains the list separator {sep!r}")
+        value = sep.join(items)
+    elif isinstance(v, bool):
+        value = "yes" if v else "no"
+    else:
+        value = str(v)
+    # A line break would start a new setting (PostInstallationScripts=... runs as root on
+    # the build host): refuse rather than escape, mkosi has no escaping for it.
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ConfigError(f"mkosi setting {key}: {value!r} contains a line break or control character")
+    return value
 
 
 def _ini(sections: dict[str, dict[str, object]]) -> str:

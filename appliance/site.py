@@ -6,7 +6,12 @@ was expected. Unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import re
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,8 +37,27 @@ DomainName = Annotated[
         max_length=253, pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
     ),
 ]
-Size = Annotated[str, StringConstraints(pattern=r"^[0-9]+[KMGT]$")]
-Duration = Annotated[str, StringConstraints(pattern=r"^[0-9]+[smhdw]$")]
+# Bounded digit counts: these reach bash arithmetic and daemon settings, where a huge
+# number wraps or overflows.
+Size = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,6}[KMGT]$")]
+Duration = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,5}[smhdw]$")]
+# Debian policy 5.6.1: lower case letters, digits, + - . ; two characters at least.
+PackageName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$", max_length=100)]
+# One kernel parameter (name or name=value): printable ASCII without spaces or quotes,
+# which would split or join parameters in the UKI's command line.
+KernelParameter = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.,:/=+@%-]+$", max_length=256)]
+
+# Dovecot passdb hashes, one grammar per accepted scheme. Matched whole: the value is
+# written into a colon-separated passwd-file, where a ':' or a newline would add fields
+# or users.
+_B64 = r"[A-Za-z0-9+/]+"
+_CRYPT64 = r"[./0-9A-Za-z]"
+PASSWORD_HASHES = {
+    "SHA512-CRYPT": rf"\$6\$(rounds=[0-9]{{4,9}}\$)?{_CRYPT64}{{1,16}}\${_CRYPT64}{{86}}",
+    "BLF-CRYPT": rf"\$2[aby]\$[0-9]{{2}}\${_CRYPT64}{{53}}",
+    "ARGON2ID": rf"\$argon2id\$v=19\$m=[0-9]{{1,8}},t=[0-9]{{1,4}},p=[0-9]{{1,3}}\${_B64}\${_B64}",
+    "ARGON2I": rf"\$argon2i\$v=19\$m=[0-9]{{1,8}},t=[0-9]{{1,4}},p=[0-9]{{1,3}}\${_B64}\${_B64}",
+}
 
 
 class _Model(BaseModel):
@@ -80,7 +104,9 @@ class User(_Model):
     def _strong_hash(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^\{(ARGON2ID|ARGON2I|SHA512-CRYPT|BLF-CRYPT)\}\S+$", value):
+        scheme = re.match(r"\{([A-Z0-9-]+)\}", value)
+        grammar = PASSWORD_HASHES.get(scheme.group(1)) if scheme else None
+        if grammar is None or not re.fullmatch(grammar, value[scheme.end():]):
             raise ValueError(
                 "expected a strong hash such as '{ARGON2ID}$argon2id$...' or "
                 "'{SHA512-CRYPT}$6$...' (plaintext and weak schemes are refused)"
@@ -91,21 +117,50 @@ class User(_Model):
 class BackupPair(_Model):
     primary: Hostname
     backup: Hostname
-    schedule: str = Field(default="hourly", description="systemd OnCalendar= expression")
+    schedule: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ,.:*/~+-]+$", max_length=128)] = Field(
+        default="hourly", description="systemd OnCalendar= expression")
+
+    @field_validator("schedule")
+    @classmethod
+    def _calendar(cls, value: str) -> str:
+        check_calendar(value)
+        return value
+
+
+def check_calendar(expression: str) -> None:
+    """systemd's own parser decides what OnCalendar= accepts: a value it refuses would
+    leave the backup timer without a schedule, and no backup would ever run."""
+    analyze = shutil.which("systemd-analyze", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if analyze is None:
+        raise ValueError("cannot check the calendar expression: systemd-analyze is missing (run ./build.py setup)")
+    r = subprocess.run([analyze, "calendar", "--", expression], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["refused"])[-1]
+        raise ValueError(f"{expression!r} is not a systemd calendar expression ({why}); "
+                         "examples: hourly, daily, *-*-* 02:30:00, Mon..Fri 22:00")
 
 
 class Retention(_Model):
     """Which backup snapshots the backup node keeps: the newest `recent` ones, and the
     newest of each of the last `daily` days and `monthly` months."""
-    recent: int = Field(default=24, ge=1)
-    daily: int = Field(default=30, ge=1)
-    monthly: int = Field(default=120, ge=0)
+    recent: int = Field(default=24, ge=1, le=10_000)
+    daily: int = Field(default=30, ge=1, le=36_600)
+    monthly: int = Field(default=120, ge=0, le=1_200)
 
 
 class Filter(_Model):
-    engine: Literal["rspamd", "spamassassin", "crm114"] = "rspamd"
-    reject_score: float = 15.0
+    engine: str = Field(default="rspamd", description="the spam engine; rspamd is the only one built so far")
+    # Finite and positive: NaN or a negative score would reject every message.
+    reject_score: float = Field(default=15.0, gt=0, le=1000, allow_inf_nan=False)
     queue_lifetime: Duration = "5d"
+
+    @field_validator("engine")
+    @classmethod
+    def _built_engine(cls, value: str) -> str:
+        if value != "rspamd":
+            raise ValueError(f"engine {value!r} is not built into the filter image yet; use 'rspamd' "
+                             "(a setting the images would ignore is refused, not accepted)")
+        return value
 
     @field_validator("queue_lifetime")
     @classmethod
@@ -117,7 +172,7 @@ class Filter(_Model):
 
 
 class RateLimit(_Model):
-    connections: int = Field(default=20, ge=1)
+    connections: int = Field(default=20, ge=1, le=100_000)
     period: Duration = "10s"
 
 
@@ -147,16 +202,18 @@ class Tls(_Model):
     key: Path | None = None
 
     @model_validator(mode="after")
-    def _both_or_neither(self) -> "Tls":
-        if (self.certificate is None) != (self.key is None):
-            raise ValueError("expected both 'certificate' and 'key', or neither")
+    def _not_yet(self) -> "Tls":
+        if self.certificate is not None or self.key is not None:
+            # The nodes would silently keep their self-signed certificates.
+            raise ValueError("tls.certificate/tls.key: a site certificate is not delivered to the nodes yet; "
+                             "remove the tls section (each node then makes its own self-signed certificate)")
         return self
 
 
 class Image(_Model):
     data_size: Size = Field(default="2G", description="mailstore data partition, grown to the disk at first boot")
-    extra_packages: list[str] = []
-    kernel_command_line: list[str] = []
+    extra_packages: list[PackageName] = Field(default=[], max_length=200)
+    kernel_command_line: list[KernelParameter] = Field(default=[], max_length=64)
 
 
 class Site(_Model):
@@ -228,7 +285,16 @@ class Site(_Model):
         problems: list[tuple[str, str]] = []
         seen: dict[str, int] = {}
         addrs: dict[ipaddress.IPv4Address, str] = {}
+        net = self.network.cluster
+        if self.network.gateway is not None and self.network.gateway not in net:
+            problems.append(("network.gateway", f"{self.network.gateway} is outside network.cluster {net}"))
+        if self.network.admin is not None and self.network.admin.prefixlen < 8:
+            problems.append(("network.admin", f"{self.network.admin} would admit most of the Internet to SSH and "
+                                              "the admin endpoints; name the operators' own network"))
         for i, n in enumerate(self.nodes):
+            if net.prefixlen < 31 and n.address in (net.network_address, net.broadcast_address):
+                problems.append((f"nodes[{i}].address", f"{n.address} is the {'network' if n.address == net.network_address else 'broadcast'} "
+                                                        f"address of {net}, not a host address"))
             if n.name in seen:
                 problems.append((f"nodes[{i}].name", f"duplicate node name {n.name!r} (also nodes[{seen[n.name]}])"))
             seen.setdefault(n.name, i)
@@ -238,7 +304,12 @@ class Site(_Model):
                 problems.append((f"nodes[{i}].address", f"{n.address} is already used by {addrs[n.address]!r}"))
             addrs.setdefault(n.address, n.name)
         by_name = {n.name: n for n in self.nodes}
+        primaries: dict[str, int] = {}
         for i, pair in enumerate(self.backups):
+            if pair.primary in primaries:
+                problems.append((f"backups[{i}].primary", f"{pair.primary!r} is already the primary of "
+                                                          f"backups[{primaries[pair.primary]}]; a mailstore has one backup"))
+            primaries.setdefault(pair.primary, i)
             for key in ("primary", "backup"):
                 name = getattr(pair, key)
                 node = by_name.get(name)
@@ -315,13 +386,73 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
     return site
 
 
-def load_site(path: Path, known_roles: list[str]) -> Site:
+# A site file is a page of YAML; anything larger is not one (and is not read whole).
+MAX_SITE_BYTES = 1 << 20
+# Deeper nesting than any site needs; PyYAML would otherwise recurse until Python gives up.
+MAX_NESTING = 32
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently) and nesting deeper than a site file can need."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[object, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def read_site_text(path: Path) -> str:
+    """The site file's text: a regular file, at most MAX_SITE_BYTES, UTF-8. Checked on
+    the open descriptor, so a FIFO or a device is refused without blocking or reading."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigError(f"{path}: site file not found", hint="pass --site PATH, or omit it to use sites/example.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the site file: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError(f"{path}: {kind}; expected a YAML site file", hint="see sites/example.yaml")
+        data = os.read(fd, MAX_SITE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SITE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_SITE_BYTES // 1024} KiB; not a site file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte offset {e.start}: not UTF-8 text", hint="a site file is UTF-8 YAML") from None
+    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text)
+    if bad:
+        raise ConfigError(f"{path}: byte offset {len(text[:bad.start()].encode())}: control character "
+                          f"{bad.group()!r} in a text file")
+    return text
+
+
+def load_site(path: Path, known_roles: list[str]) -> Site:
+    text = read_site_text(path)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     return parse_site(data, path, known_roles)
