@@ -310,7 +310,21 @@ def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool,
         raise ApplianceError(f"{path.name} is a {role} image but node {node.name} is a {node.role}; nothing was written",
                              hint=f"flash the {node.role} image")
     expected = fl.recorded_sha256(path)
+    # The image's own partition table first: a file that is not a disk image is refused
+    # before anything is written.
+    fl.esp_extent(path)
     target = fl.inspect_target(device, to_file)
+    try:
+        _flash_onto(obj, path, expected, target, node, yes, with_mailstore_key)
+    finally:
+        target.close()
+
+
+def _flash_onto(obj: Context, path: Path, expected: str, target, node, yes: bool, with_mailstore_key: bool) -> None:
+    from . import flash as fl
+    from .credentials import Secrets, node_credentials
+
+    site, device = obj.site, target.path
     size = path.stat().st_size
     if target.size is not None and target.size < size:
         raise fl.FlashError(f"{device} is too small: {target.size / 1e9:.2f} GB for a {size / 1e9:.2f} GB image; "
@@ -331,7 +345,7 @@ def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool,
              "'Supplying the mailstore key on bare metal' says (mail services wait for it)")
     elif with_mailstore_key:
         creds["mailcluster.mailstore-key"] = Secrets(paths.SECRETS / site.name).mailstore_key(node.name).encode()
-    fl.write_credentials(device, creds, echo)
+    fl.write_credentials(target.io_path, creds, echo)
     click.echo(f"{device}: {path.name} written and verified ({bmap.mapped_bytes / 1e6:.0f} MB of data), "
                f"boots as {node.name}")
 

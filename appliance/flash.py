@@ -121,6 +121,38 @@ class Target:
     is_block: bool
     size: int | None
     description: str
+    # A block device is opened once, exclusively (O_EXCL: nothing can mount it or open
+    # it exclusively meanwhile); every check, the copy and the ESP go through this
+    # descriptor, never through the path again.
+    fd: int | None = None
+    rdev: int | None = None
+
+    @property
+    def io_path(self) -> str:
+        """What helper programs (sfdisk, mtools) open: this descriptor, not the path."""
+        return f"/dev/fd/{self.fd}" if self.fd is not None else str(self.path)
+
+    def still_the_same(self) -> None:
+        """Refuse if the path now names another device than the one checked and shown
+        (a device node or a symlink swapped while the operator was asked)."""
+        if self.fd is None:
+            return
+        try:
+            now = os.stat(self.path).st_rdev
+        except OSError as e:
+            now = None
+            why = e.strerror
+        if now != self.rdev:
+            raise FlashError(f"{self.path} no longer names the device that was checked "
+                             f"({os.major(self.rdev)}:{os.minor(self.rdev)}"
+                             f"{f', now {os.major(now)}:{os.minor(now)}' if now is not None else f', now: {why}'}); "
+                             "nothing was written",
+                             hint="something replaced the device node or link; check the device name and flash again")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            object.__setattr__(self, "fd", None)
 
 
 def _sysfs(dev: int) -> Path:
@@ -199,7 +231,24 @@ def inspect_target(path: Path, allow_file: bool) -> Target:
         return Target(path, False, None, "image file (replaced)")
     if not stat.S_ISBLK(st.st_mode):
         raise FlashError(f"{path} is neither a block device nor a regular file; nothing was written")
-    sys = _sysfs(st.st_rdev)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        raise FlashError(f"cannot open {path} exclusively: {e.strerror}; nothing was written",
+                         hint="it is mounted or held by another program (unmount it), or run as root") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise FlashError(f"{path} is not a block device any more; nothing was written")
+        return _check_block(path, fd, st.st_rdev)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_block(path: Path, fd: int, rdev: int) -> Target:
+    """Every refusal for the open device `fd` (its device number, never the path)."""
+    sys = _sysfs(rdev)
     if (sys / "partition").exists():
         raise FlashError(f"{path} is a partition of /dev/{sys.parent.name}; nothing was written",
                          hint=f"flash the whole disk: --device /dev/{sys.parent.name}")
@@ -210,10 +259,10 @@ def inspect_target(path: Path, allow_file: bool) -> Target:
     if busy:
         raise FlashError(f"{path} is in use ({'; '.join(busy)}); nothing was written",
                          hint="unmount it (and stop swap, LVM or RAID on it) first")
-    size = int((sys / "size").read_text()) * 512
+    size = os.lseek(fd, 0, os.SEEK_END)
     if size == 0:
         raise FlashError(f"{path} has no medium (size 0); nothing was written")
-    return Target(path, True, size, f"{_describe(sys)}, {size / 1e9:.1f} GB")
+    return Target(path, True, size, f"{_describe(sys)}, {size / 1e9:.1f} GB", fd=fd, rdev=rdev)
 
 
 # ---- writing and verifying ----------------------------------------------------------------
@@ -237,16 +286,19 @@ def _mismatched_ranges(fd: int, bmap: Bmap, copy_to: int | None = None) -> list[
 def write_image(image: Path, bmap: Bmap, target: Target, progress: Callable[[str], None]) -> None:
     """Copy the mapped blocks, then read them back from the medium and compare."""
     out = target.path
-    if not target.is_block:
+    if target.is_block:
+        assert target.fd is not None
+        target.still_the_same()
+        dst = os.dup(target.fd)
+    else:
         # A file is written beside the target and renamed: a failed flash leaves no half image.
         out = target.path.with_name(f".{target.path.name}.partial")
         out.unlink(missing_ok=True)
-    flags = os.O_RDWR | (os.O_EXCL if target.is_block else os.O_CREAT | os.O_TRUNC)
-    try:
-        dst = os.open(out, flags, 0o600)
-    except OSError as e:
-        raise FlashError(f"cannot open {out} for writing: {e.strerror}; nothing was written",
-                         hint="another program has it open, or you lack the rights (run as root)") from None
+        try:
+            dst = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as e:
+            raise FlashError(f"cannot open {out} for writing: {e.strerror}; nothing was written",
+                             hint="you lack the rights (run as root)") from None
     try:
         if not target.is_block:
             os.ftruncate(dst, bmap.image_size)
@@ -280,16 +332,22 @@ def write_image(image: Path, bmap: Bmap, target: Target, progress: Callable[[str
 
 
 # ---- the node's identity on the ESP ------------------------------------------------------
-def esp_offset(target: Path) -> int:
+def _fds(target: Path | str) -> tuple[int, ...]:
+    m = re.fullmatch(r"/dev/fd/(\d+)", str(target))
+    return (int(m.group(1)),) if m else ()
+
+
+def esp_offset(target: Path | str) -> int:
     return esp_extent(target)[0]
 
 
-def esp_extent(target: Path) -> tuple[int, int]:
-    """(first byte, size) of the EFI system partition written to `target`."""
-    r = subprocess.run(["sfdisk", "-J", str(target)], capture_output=True, text=True,
+def esp_extent(target: Path | str) -> tuple[int, int]:
+    """(first byte, size) of the EFI system partition of `target` (an image, a written
+    disk, or /dev/fd/N for a device this process holds open)."""
+    r = subprocess.run(["sfdisk", "-J", str(target)], capture_output=True, text=True, pass_fds=_fds(target),
                        env={**os.environ, "PATH": HOST_PATH})
     if r.returncode != 0:
-        raise FlashError(f"cannot read the partition table written to {target}: {r.stderr.strip()}")
+        raise FlashError(f"cannot read the partition table of {target}: {r.stderr.strip()}")
     table = json.loads(r.stdout)["partitiontable"]
     sector = table.get("sectorsize", 512)
     for p in table.get("partitions", []):
@@ -321,24 +379,25 @@ def seal(name: str, value: bytes) -> bytes:
     return data
 
 
-def write_credentials(target: Path, credentials: dict[str, bytes], progress: Callable[[str], None]) -> None:
+def write_credentials(target: Path | str, credentials: dict[str, bytes], progress: Callable[[str], None]) -> None:
     offset = esp_offset(target)
     img = f"{target}@@{offset}"
+    fds = _fds(target)
     env = {**os.environ, "PATH": HOST_PATH, "MTOOLS_SKIP_CHECK": "1"}
     progress(f"writing {len(credentials)} credentials to the ESP (loader/credentials/)")
     with tempfile.TemporaryDirectory() as tmp:
         for d in ("::/loader", "::/loader/credentials"):
-            subprocess.run(["mmd", "-D", "s", "-i", img, d], capture_output=True, env=env)
+            subprocess.run(["mmd", "-D", "s", "-i", img, d], capture_output=True, env=env, pass_fds=fds)
         for name, value in sorted(credentials.items()):
             f = Path(tmp) / f"{name}.cred"
             f.write_bytes(seal(name, value))
             r = subprocess.run(["mcopy", "-o", "-i", img, str(f), f"::/loader/credentials/{f.name}"],
-                               capture_output=True, text=True, env=env)
+                               capture_output=True, text=True, env=env, pass_fds=fds)
             if r.returncode != 0:
                 raise FlashError(f"cannot write {f.name} onto the ESP of {target}: {r.stderr.strip()}")
             back = Path(tmp) / "back"
             subprocess.run(["mcopy", "-o", "-i", img, f"::/loader/credentials/{f.name}", str(back)],
-                           capture_output=True, env=env, check=False)
+                           capture_output=True, env=env, check=False, pass_fds=fds)
             if not back.exists() or back.read_bytes() != f.read_bytes():
                 raise FlashError(f"credential {f.name} did not read back from the ESP of {target}")
             back.unlink()
