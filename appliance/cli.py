@@ -389,15 +389,18 @@ def publish(obj: Context, to: str, sign_key: str, roles: tuple[str, ...], layers
               envvar="MAILCLUSTER_TRUST", help="OpenPGP public key(s) releases must be signed with.")
 @click.option("--role", "roles", multiple=True, type=ROLE, help="Only these roles (default: every role the site uses).")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory (default: images/pulled/TAG).")
+@click.option("--allow-older", is_flag=True,
+              help="Accept a release older than one already pulled from this repository (a deliberate rollback).")
 @click.pass_obj
-def pull(obj: Context, reference: str, trust: Path, roles: tuple[str, ...], output: Path | None) -> None:
+def pull(obj: Context, reference: str, trust: Path, roles: tuple[str, ...], output: Path | None,
+         allow_older: bool) -> None:
     """Fetch release images, verify digests and signature; refuse anything else."""
     from . import registry
 
     ref = registry.Ref.parse(reference)
     out = output or paths.IMAGES / "pulled" / (ref.tag or ref.digest.replace(":", "-"))
     for role in roles or obj.site.roles:
-        raw = registry.pull(ref, role, trust, out / role, log=echo)
+        raw = registry.pull(ref, role, trust, out / role, log=echo, allow_older=allow_older)
         click.echo(f"{raw}  (verified: digests, signature, SHA256SUMS)")
 
 

@@ -16,6 +16,8 @@ IMAGES = WORK / "images"
 BUILD = WORK / "build"
 # Generated secrets (keys, passwords), per site; never in git.
 SECRETS = Path(os.environ.get("MAILCLUSTER_SECRETS", WORK / "secrets"))
+# The newest release pull has accepted per repository and role: an older one is refused.
+TRUSTED_RELEASES = Path(os.environ.get("MAILCLUSTER_TRUSTED_RELEASES", WORK / "trust" / "releases.json"))
 
 # Shared by every checkout on the machine (CI's fresh clone included).
 CACHE = Path(os.environ.get("MAILCLUSTER_CACHE", "/var/cache/mailcluster"))

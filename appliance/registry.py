@@ -40,10 +40,18 @@ MEDIA = {
     ".manifest.json": "application/vnd.mailcluster.package-manifest+json",
     "SHA256SUMS": "text/plain; charset=utf-8",
     "SHA256SUMS.asc": "application/pgp-signature",
+    "release": "text/plain; charset=utf-8",
 }
 TITLE = "org.opencontainers.image.title"
 ROLE = "org.mailcluster.role"
 CHUNK = 4 << 20
+# What a registry may send, whatever it declares: manifests (OCI's own limit), the small
+# signed files, and the compressed image.
+MAX_MANIFEST = 4 << 20
+MAX_SMALL_FILE = 16 << 20
+MAX_IMAGE = 64 << 30
+# The release statement every signed SHA256SUMS covers: which role, version and time.
+RELEASE_FILE = "release"
 
 
 class RegistryError(ApplianceError):
@@ -123,6 +131,32 @@ def credentials_for(registry: str) -> tuple[str, str] | None:
 
 
 # ---- the distribution API ------------------------------------------------------------------
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme, (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(u.scheme)
+
+
+class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Redirects keep the registry credentials only within the registry's own origin
+    (blob downloads are often redirected to storage elsewhere)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(req.full_url) != _origin(newurl):
+            new.remove_header("Authorization")
+        return new
+
+
+_opener = urllib.request.build_opener(_SameOriginAuth)
+
+
+def _read_capped(resp, limit: int, what: str) -> bytes:
+    data = resp.read(limit + 1)
+    if len(data) > limit:
+        raise RegistryError(f"{what}: the registry sent more than {limit} bytes; refused, nothing was kept")
+    return data
+
+
 class Client:
     def __init__(self, ref: Ref, timeout: float = 60):
         self.ref = ref
@@ -140,7 +174,7 @@ class Client:
             if self._auth:
                 req.add_header("Authorization", self._auth)
             try:
-                resp = urllib.request.urlopen(req, timeout=self.timeout)
+                resp = _opener.open(req, timeout=self.timeout)
             except urllib.error.HTTPError as e:
                 if e.code == 401 and attempt == 1 and self._authenticate(e.headers.get("WWW-Authenticate", "")):
                     if hasattr(data, "seek"):
@@ -177,8 +211,8 @@ class Client:
             if basic:
                 req.add_header("Authorization", basic)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    tok = json.load(r)
+                with _opener.open(req, timeout=self.timeout) as r:
+                    tok = json.loads(_read_capped(r, 1 << 20, f"{self.ref.registry} token"))
             except (urllib.error.URLError, OSError, ValueError) as e:
                 raise RegistryError(f"{self.ref.registry}: getting a token from {fields['realm']} failed: {e}",
                                     hint=_hint_for(401, self.ref)) from None
@@ -207,16 +241,26 @@ class Client:
 
     def get_manifest(self, reference: str) -> tuple[bytes, str]:
         resp = self.request("GET", f"manifests/{reference}", headers={"Accept": f"{INDEX}, {MANIFEST}"})
-        body = resp.read()
+        body = _read_capped(resp, MAX_MANIFEST, f"{self.ref}: manifest {reference}")
         return body, resp.headers.get("Content-Type", "").split(";")[0]
 
-    def get_blob(self, digest: str, dest: Path) -> None:
+    def get_blob(self, digest: str, dest: Path, size: int, limit: int) -> None:
+        """Fetch a blob of the declared `size` (refused above `limit`), reading no byte
+        past it: a registry that sends more is refused, not believed."""
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
+            raise RegistryError(f"{self.ref}: blob {dest.name} is declared as {size!r} bytes; "
+                                f"at most {limit} are accepted; refused, nothing was kept")
         resp = self.request("GET", f"blobs/{digest}")
         h = hashlib.sha256()
+        left = size
         with open(dest, "wb") as out:
-            while chunk := resp.read(CHUNK):
+            while left > 0 and (chunk := resp.read(min(CHUNK, left))):
                 h.update(chunk)
                 out.write(chunk)
+                left -= len(chunk)
+            if left > 0 or resp.read(1):
+                raise RegistryError(f"{self.ref}: blob {dest.name} is not the declared {size} bytes long "
+                                    f"({'shorter' if left > 0 else 'longer'}); refused, nothing was kept")
         if "sha256:" + h.hexdigest() != digest:
             raise RegistryError(f"{self.ref}: blob {dest.name} does not match its digest {digest}: tampered with or "
                                 "damaged in the registry; refused, nothing was kept", hint="publish the release again")
@@ -269,8 +313,26 @@ def _sign(sums: Path, key: str) -> Path:
     return sig
 
 
-def stage_role(image: Path, role: str, key: str, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """The files of one role's release in a directory of their own, signed."""
+def release_statement(role: str, version: str, repository: str, created: str) -> str:
+    return f"role={role}\nversion={version}\nrepository={repository}\ncreated={created}\n"
+
+
+def parse_release(text: str) -> dict[str, str]:
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if set(fields) != {"role", "version", "repository", "created"}:
+        raise RegistryError("the signed release statement is malformed; refused")
+    try:
+        dt.datetime.fromisoformat(fields["created"])
+    except ValueError:
+        raise RegistryError(f"the signed release statement has no valid date ({fields['created']!r}); refused") from None
+    return fields
+
+
+def stage_role(image: Path, role: str, key: str, log: Callable[[str], None],
+               version: str = "", repository: str = "") -> tuple[Path, dict]:
+    """The files of one role's release in a directory of their own, signed. What is
+    signed names the role, the version, the repository and the time of publishing, so
+    an older signed release cannot be passed off as a newer one."""
     expected = recorded_sha256(image)
     info = json.loads(image.with_name(image.name.removesuffix(".raw") + ".manifest.json").read_text())
     stage = paths.CACHE / "publish" / expected
@@ -290,7 +352,9 @@ def stage_role(image: Path, role: str, key: str, log: Callable[[str], None]) -> 
                             hint="build the image again")
     shutil.copyfile(ensure_bmap(image), stage / f"{role}.bmap")
     shutil.copyfile(image.with_name(image.name.removesuffix(".raw") + ".manifest.json"), stage / f"{role}.manifest.json")
-    files = [f"{role}.raw.zst", f"{role}.bmap", f"{role}.manifest.json"]
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    (stage / RELEASE_FILE).write_text(release_statement(role, version, repository, created))
+    files = [f"{role}.raw.zst", f"{role}.bmap", f"{role}.manifest.json", RELEASE_FILE]
     lines = [f"{expected}  {role}.raw\n"] + [f"{sha256_file(stage / f)}  {f}\n" for f in files]
     (stage / "SHA256SUMS").write_text("".join(lines))
     _sign(stage / "SHA256SUMS", key)
@@ -316,11 +380,12 @@ def publish(ref: Ref, images: dict[str, Path], key: str, version: str,
     commit = _git_commit()
     releases, entries = [], []
     for role, image in images.items():
-        stage, info = stage_role(image, role, key, log)
+        stage, info = stage_role(image, role, key, log, version, ref.repository)
         empty = stage / "empty.json"
         empty.write_bytes(b"{}")
         layers, files = [], {}
-        for name in (f"{role}.raw.zst", f"{role}.bmap", f"{role}.manifest.json", "SHA256SUMS", "SHA256SUMS.asc"):
+        for name in (f"{role}.raw.zst", f"{role}.bmap", f"{role}.manifest.json", RELEASE_FILE,
+                     "SHA256SUMS", "SHA256SUMS.asc"):
             path = stage / name
             digest = "sha256:" + sha256_file(path)
             log(f"{role}: pushing {name} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -401,9 +466,33 @@ def resolve(client: Client, role: str) -> tuple[str, dict]:
     return "sha256:" + hashlib.sha256(body).hexdigest(), doc
 
 
-def pull(ref: Ref, role: str, trust: Path, output: Path, log: Callable[[str], None]) -> Path:
+def _trusted(key: str) -> str | None:
+    try:
+        return json.loads(paths.TRUSTED_RELEASES.read_text()).get(key)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"{paths.TRUSTED_RELEASES}: cannot read the releases trusted so far: {e}",
+                            hint="restore it from a backup; deleting it forgets which releases were seen") from None
+
+
+def _trust(key: str, created: str) -> None:
+    paths.TRUSTED_RELEASES.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        state = json.loads(paths.TRUSTED_RELEASES.read_text())
+    except FileNotFoundError:
+        state = {}
+    state[key] = created
+    tmp = paths.TRUSTED_RELEASES.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(paths.TRUSTED_RELEASES)
+
+
+def pull(ref: Ref, role: str, trust: Path, output: Path, log: Callable[[str], None],
+         allow_older: bool = False) -> Path:
     """Fetch and verify one role's release into `output`; returns the .raw. Nothing is kept
-    unless everything verifies."""
+    unless everything verifies, and a release older than one already accepted from the
+    same repository is refused unless `allow_older`."""
     client = Client(ref)
     digest, manifest = resolve(client, role)
     if manifest.get("annotations", {}).get(ROLE) not in (None, role):
@@ -417,21 +506,37 @@ def pull(ref: Ref, role: str, trust: Path, output: Path, log: Callable[[str], No
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         for name in ("SHA256SUMS", "SHA256SUMS.asc"):
-            client.get_blob(layers[name]["digest"], tmp / name)
+            client.get_blob(layers[name]["digest"], tmp / name, layers[name].get("size"), MAX_SMALL_FILE)
         signer = _gpgv(tmp / "SHA256SUMS", tmp / "SHA256SUMS.asc", trust)
         sums = {}
         for line in (tmp / "SHA256SUMS").read_text().splitlines():
             d, _, n = line.partition("  ")
             sums[n] = d
+        if RELEASE_FILE not in layers or RELEASE_FILE not in sums:
+            raise RegistryError(f"{ref}: the {role} release has no signed release statement (role, version, date); "
+                                "refused, nothing was kept", hint="publish it again with this version of ./build.py")
         for name, layer in layers.items():
             if name in ("SHA256SUMS", "SHA256SUMS.asc"):
                 continue
             if not name or "/" in name or name not in sums:
                 raise RegistryError(f"{ref}: file {name!r} is not covered by the signed SHA256SUMS; refused")
             log(f"{role}: fetching {name} ({layer['size'] / 1e6:.1f} MB)")
-            client.get_blob(layer["digest"], tmp / name)
+            client.get_blob(layer["digest"], tmp / name, layer.get("size"),
+                            MAX_IMAGE if name.endswith(".raw.zst") else MAX_SMALL_FILE)
             if sha256_file(tmp / name) != sums[name]:
                 raise RegistryError(f"{ref}: {name} does not match the signed SHA256SUMS; refused")
+        release = parse_release((tmp / RELEASE_FILE).read_text())
+        if release["role"] != role or release["repository"] != ref.repository:
+            raise RegistryError(f"{ref}: the signed release is {release['role']} of {release['repository']}, "
+                                f"not {role} of {ref.repository}; refused")
+        key = f"{ref.registry}/{ref.repository}/{role}"
+        seen = _trusted(key)
+        if seen and dt.datetime.fromisoformat(release["created"]) < dt.datetime.fromisoformat(seen) and not allow_older:
+            raise RegistryError(f"{ref}: this {role} release ({release['version']}, published {release['created']}) "
+                                f"is older than one already accepted from {ref.registry}/{ref.repository} "
+                                f"(published {seen}); refused, nothing was kept",
+                                hint="a registry can replay an old signed release under a new tag; "
+                                     "pass --allow-older only to roll back on purpose")
         raw = tmp / f"{role}.raw"
         log(f"{role}: decompressing")
         r = subprocess.run(["zstd", "-q", "-d", "--sparse", "-f", str(tmp / f"{role}.raw.zst"), "-o", str(raw)],
@@ -441,10 +546,12 @@ def pull(ref: Ref, role: str, trust: Path, output: Path, log: Callable[[str], No
         if sha256_file(raw) != sums.get(f"{role}.raw"):
             raise RegistryError(f"{ref}: the decompressed {role}.raw does not match the signed SHA256SUMS; refused")
         (tmp / f"{role}.raw.zst").unlink()
-        (tmp / "pulled-from").write_text(f"{ref}\n{digest}\n{signer}")
+        (tmp / "pulled-from").write_text(f"{ref}\n{digest}\n{release['version']} {release['created']}\n{signer}")
         if output.exists():
             shutil.rmtree(output)
         tmp.replace(output)
+        if not seen or release["created"] > seen:
+            _trust(key, release["created"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

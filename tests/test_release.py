@@ -289,6 +289,36 @@ def test_pull_refuses_a_release_signed_by_an_untrusted_key(published, registry_u
     assert "signature does not verify with the trusted keys" in r.stderr
 
 
+def test_pull_refuses_an_older_signed_release_under_a_newer_tag(registry_url, gnupg, image, tmp_path):
+    """What is signed names the role, version and time: a registry that moves a tag back
+    to an older signed release is caught, unless the operator rolls back on purpose."""
+    host, _ = registry_url
+    env, pub = gnupg
+    state = {"MAILCLUSTER_TRUSTED_RELEASES": str(tmp_path / "trusted.json")}
+    repo = f"{host}/mail/replay"
+    for version in ("2026.11", "2026.12"):
+        r = build_py("publish", "--to", f"{repo}:{version}", "--role", ROLE, "--layer", "test",
+                     "--sign-key", "release@example.org", env=env)
+        assert r.returncode == 0, r.stderr
+    r = build_py("pull", f"{repo}:2026.12", "--role", ROLE, "--trust", str(pub), "--output", str(tmp_path / "new"),
+                 env=state)
+    assert r.returncode == 0, r.stderr
+    assert "2026.12" in (tmp_path / "new" / ROLE / "pulled-from").read_text()
+    # Whoever can write to the registry points "latest" at the old, validly signed release.
+    client = registry.Client(registry.Ref.parse(f"{repo}:2026.11"))
+    body, media = client.get_manifest("2026.11")
+    client.put_manifest("latest", body, media)
+    r = build_py("pull", f"{repo}:latest", "--role", ROLE, "--trust", str(pub), "--output", str(tmp_path / "old"),
+                 env=state)
+    assert r.returncode == registry.RegistryError.exit_code, r.stderr
+    assert "release (2026.11, published" in r.stderr and "is older than one already accepted" in r.stderr
+    assert not [p for p in (tmp_path / "old").rglob("*") if p.is_file()]
+    r = build_py("pull", f"{repo}:latest", "--role", ROLE, "--trust", str(pub), "--output", str(tmp_path / "back"),
+                 "--allow-older", env=state)
+    assert r.returncode == 0, r.stderr
+    assert digest(tmp_path / "back" / ROLE / f"{ROLE}.raw") == digest(image)
+
+
 def test_an_interrupted_publish_leaves_the_tag_where_it_was(published, registry_url, gnupg, image):
     host, _ = registry_url
     env, _ = gnupg
