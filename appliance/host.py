@@ -122,6 +122,8 @@ NEEDS = [
     # --nodns none) from here; Lynis is copied into each guest (images never carry it).
     Need("testssl", "testssl.sh", backports=True),
     Need("lynis", "lynis"),
+    # The suite's static checks of the images' shell scripts.
+    Need("shellcheck", "shellcheck"),
 ]
 
 

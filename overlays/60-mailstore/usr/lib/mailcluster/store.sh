@@ -2,19 +2,22 @@
 # takes its primary's store) and restore-apply (a rebuilt primary gets its store back).
 # shellcheck shell=bash
 
+# The mail data partition (a scratch directory in the host tests).
+MAIL=${MC_MAIL:-/srv/mail}
+
 # What of /srv/mail is the store, as rsync filter rules: the eCryptfs ciphertext and the
 # key's signature, never the plaintext view (and nothing else on the partition).
 # shellcheck disable=SC2034  # (used by the scripts that source this)
 STORE_FILES=(--include=/key-signature --include=/crypt/ --include='/crypt/**' --exclude='*')
 
 # set_store_aside WHY: moves this node's store (crypt/ and key-signature) into
-# /srv/mail/WHY-STAMP, kept rather than deleted, and prints that directory.
+# $MAIL/WHY-STAMP, kept rather than deleted, and prints that directory.
 set_store_aside() {
 	local aside
-	aside=/srv/mail/$1-$(date -u +%Y%m%dT%H%M%SZ)
+	aside=$MAIL/$1-$(date -u +%Y%m%dT%H%M%SZ)
 	mkdir "$aside" || return 1
-	if [[ -e /srv/mail/crypt ]]; then mv /srv/mail/crypt "$aside/" || return 1; fi
-	if [[ -e /srv/mail/key-signature ]]; then mv /srv/mail/key-signature "$aside/" || return 1; fi
+	if [[ -e $MAIL/crypt ]]; then mv "$MAIL/crypt" "$aside/" || return 1; fi
+	if [[ -e $MAIL/key-signature ]]; then mv "$MAIL/key-signature" "$aside/" || return 1; fi
 	echo "$aside"
 }
 
@@ -23,6 +26,6 @@ set_store_aside() {
 # DIR stays as it was. Owners and modes come back from the xattrs that mcbackup kept
 # them in (--fake-super).
 install_store() {
-	rsync -a --numeric-ids --fake-super -M--super "$1/crypt/" /srv/mail/crypt/ &&
-		rsync -a --numeric-ids --fake-super -M--super "$1/key-signature" /srv/mail/key-signature
+	rsync -a --numeric-ids --fake-super -M--super "$1/crypt/" "$MAIL/crypt/" &&
+		rsync -a --numeric-ids --fake-super -M--super "$1/key-signature" "$MAIL/key-signature"
 }

@@ -1,0 +1,140 @@
+"""The backup channel's receiving ends, run on the host against scratch directories: what
+arrives over the network is never followed as a link, never echoed back, and rsync runs
+as a fixed server command that munges links."""
+import os
+import subprocess
+
+import pytest
+
+from appliance import paths
+
+LIB = paths.OVERLAYS / "10-base/usr/lib/mailcluster"
+STORE_LIB = paths.OVERLAYS / "60-mailstore/usr/lib/mailcluster"
+LIBEXEC = paths.OVERLAYS / "60-mailstore/usr/libexec/mailcluster"
+OWN_SIG = "0123456789abcdef"
+SECRET = "the-primary's-eCryptfs-passphrase-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+@pytest.fixture
+def node(tmp_path):
+    """store1, rebuilt, with its own (empty) store and a secret it must never give away;
+    its backup store2 has sent a store back and committed it."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for f in (LIB / "members.sh", STORE_LIB / "store.sh"):
+        (lib / f.name).symlink_to(f)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "identity").write_text("store1 mailstore 10.77.0.31\n")
+    (state / "members").write_text("node store1 mailstore 10.77.0.31 active\n"
+                                   "node store2 mailstore 10.77.0.32 standby\nbackup store1 store2\n")
+    mail = tmp_path / "mail"
+    (mail / "crypt").mkdir(parents=True)
+    (mail / "crypt" / "own-mail").write_text("ciphertext")
+    (mail / "key-signature").write_text(OWN_SIG + "\n")
+    incoming = mail / "restore" / ".incoming"
+    (incoming / "crypt").mkdir(parents=True)
+    (incoming / "crypt" / "msg").write_text("ciphertext from the backup")
+    (incoming / "key-signature").write_text(OWN_SIG + "\n")
+    (mail / "restore" / "ready").write_text("store2\n")
+    secret = tmp_path / "credentials" / "mailcluster.mailstore-key"
+    secret.parent.mkdir()
+    secret.write_text(SECRET)
+    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail)}
+    return mail, secret, env
+
+
+def apply(mail, env):
+    r = subprocess.run(["bash", str(LIBEXEC / "restore-apply")], env=env, capture_output=True, text=True)
+    return r, (mail / "restore" / "status").read_text() if (mail / "restore" / "status").exists() else ""
+
+
+def untouched(mail):
+    return (mail / "crypt" / "own-mail").read_text() == "ciphertext" and not (mail / "crypt" / "msg").exists()
+
+
+def test_a_symlinked_key_signature_is_refused_and_the_target_never_echoed(node):
+    mail, secret, env = node
+    sig = mail / "restore" / ".incoming" / "key-signature"
+    sig.unlink()
+    sig.symlink_to(secret)
+    r, status = apply(mail, env)
+    assert r.returncode == 1 and status.startswith("refused: the store from store2 has no key signature file")
+    assert SECRET not in status + r.stdout + r.stderr
+    assert untouched(mail)
+
+
+@pytest.mark.parametrize("content", [SECRET, "0123456789ABCDEF", OWN_SIG + "\nextra", ""])
+def test_a_malformed_signature_is_refused_without_repeating_it(node, content):
+    mail, _, env = node
+    (mail / "restore" / ".incoming" / "key-signature").write_text(content)
+    r, status = apply(mail, env)
+    assert r.returncode == 1 and status.startswith("refused:"), status
+    assert (content.strip() or "\0") not in status
+    assert untouched(mail)
+
+
+def test_another_key_is_refused_without_naming_either_signature(node):
+    mail, _, env = node
+    (mail / "restore" / ".incoming" / "key-signature").write_text("fedcba9876543210\n")
+    r, status = apply(mail, env)
+    assert r.returncode == 1 and "made with another key" in status
+    assert "fedcba9876543210" not in status and OWN_SIG not in status
+    assert untouched(mail)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "symlinked-crypt"])
+def test_links_and_special_files_in_the_received_store_are_refused(node, plant):
+    mail, secret, env = node
+    crypt = mail / "restore" / ".incoming" / "crypt"
+    if plant == "symlink":
+        (crypt / "link").symlink_to(secret)
+    elif plant == "fifo":
+        os.mkfifo(crypt / "fifo")
+    else:
+        (crypt / "msg").unlink()
+        crypt.rmdir()
+        crypt.symlink_to(secret.parent)
+    r, status = apply(mail, env)
+    assert r.returncode == 1 and status.startswith("refused:"), status
+    assert untouched(mail)
+
+
+def receive(tmp_path, kind, peer, request):
+    """backup-receive as sshd runs it, with an rsync on PATH that records its arguments."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "rsync").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/rsync-args\n")
+    (bindir / "rsync").chmod(0o755)
+    (bindir / "logger").write_text("#!/bin/sh\n")
+    (bindir / "logger").chmod(0o755)
+    mail = tmp_path / "mail"
+    (mail / "backups" / peer).mkdir(parents=True, exist_ok=True)
+    (mail / "restore").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MC_MAIL": str(mail), "SSH_ORIGINAL_COMMAND": request}
+    r = subprocess.run(["bash", str(LIBEXEC / "backup-receive"), kind, peer], env=env, capture_output=True, text=True)
+    args = tmp_path / "rsync-args"
+    return r, args.read_text().split() if args.exists() else None
+
+
+@pytest.mark.parametrize("kind,request_", [
+    ("store", "rsync --server -logDtpre.iLsfxCIvu --delete --stats --numeric-ids --link-dest=../latest --fake-super . .partial/"),
+    ("restore", "rsync --server -logDtpre.iLsfxCIvu --delete --stats --numeric-ids --fake-super . .incoming/"),
+])
+def test_the_receiving_rsync_always_munges_links(tmp_path, kind, request_):
+    r, args = receive(tmp_path, kind, "store1", request_)
+    assert r.returncode == 0, r.stderr
+    assert args[:2] == ["--server", "--munge-links"] and args[2:] == request_.split()[2:]
+
+
+@pytest.mark.parametrize("request_", [
+    "rsync --server -logDtpKre.iLsfxCIvu --fake-super . .partial/",       # keep-dirlinks: follow a planted link
+    "rsync --server -LogDtpre.iLsfxCIvu --fake-super . .partial/",        # copy-links
+    "rsync --server -logDtpRre.iLsfxCIvu --fake-super . .partial/",       # relative paths
+    "rsync --server --sender -logDtpre.iLsfxCIvu . .partial/",            # read back
+    "rsync --server -logDtpre.iLsfxCIvu --fake-super . ../store2/",       # another primary's directory
+    "rsync --server -logDtpre.iLsfxCIvu --fake-super . .partial/; id",
+])
+def test_other_rsync_requests_are_refused(tmp_path, request_):
+    r, args = receive(tmp_path, "store", "store1", request_)
+    assert r.returncode == 1 and "refused" in r.stderr and args is None
