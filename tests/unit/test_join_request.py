@@ -16,6 +16,7 @@ node fe1 frontend 10.77.0.10 active
 node filter1 filter 10.77.0.21 active
 node store1 mailstore 10.77.0.31 active
 node store2 mailstore 10.77.0.32 standby
+node store3 mailstore 10.77.0.33 active
 user alice@example.test store1
 backup store1 store2
 """
@@ -42,8 +43,11 @@ def test_a_node_joins_for_itself(state):
     r, queued = request(state, "join filter3 filter 10.77.0.23 active", "10.77.0.23")
     assert r.returncode == 0 and r.stdout.startswith("ok: queued on fe1"), r
     assert queued == ["10.77.0.23 join filter3 filter 10.77.0.23 active\n"]
-    r, queued = request(state, "join store3 mailstore 10.77.0.33 active dave@example.test,erin@example.test", "10.77.0.33")
+    r, queued = request(state, "join store4 mailstore 10.77.0.34 active dave@example.test,erin@example.test", "10.77.0.34")
     assert r.returncode == 0 and len(queued) == 2
+    # a member announcing itself again, as it does at every boot
+    r, queued = request(state, "join store1 mailstore 10.77.0.31 active alice@example.test", "10.77.0.31")
+    assert r.returncode == 0 and len(queued) == 3
 
 
 @pytest.mark.parametrize("text,source,why", [
@@ -57,6 +61,18 @@ def test_a_node_joins_for_itself(state):
     ("takeover filter1 store1", "10.77.0.21", "filter1 is not a mailstore"),
     ("forget fe1", "10.77.0.21", "cannot be told to forget itself"),
     ("forget store1", "192.0.2.1", "192.0.2.1 is not a member"),
+    # A join-key holder speaking for others (each reproduced against the old handler):
+    # the frontend announcing itself as store1 with store1's users,
+    ("join store1 mailstore 10.77.0.10 active alice@example.test", "10.77.0.10", "store1 is a member at 10.77.0.31"),
+    # a new host taking a member's name at its own address, or a member's address,
+    ("join store1 mailstore 10.77.0.66 active", "10.77.0.66", "store1 is a member at 10.77.0.31"),
+    ("join evil mailstore 10.77.0.21 active alice@example.test", "10.77.0.21", "10.77.0.21 is member filter1's address"),
+    # a member changing its role,
+    ("join filter1 mailstore 10.77.0.21 active alice@example.test", "10.77.0.21", "filter1 is a member with role filter"),
+    # a filter telling everyone to forget the mailstore that holds the mailboxes,
+    ("forget store1", "10.77.0.21", "store1 still serves 1 mail users"),
+    # a mailstore that is not the pair's backup taking over the primary's users.
+    ("takeover store3 store1", "10.77.0.33", "store3 and store1 are not a backup pair"),
     ("sh -c id", "10.77.0.21", "unknown request 'sh'"),
 ])
 def test_refused_requests_name_the_problem_and_queue_nothing(state, text, source, why):
@@ -69,3 +85,11 @@ def test_a_takeover_comes_from_the_backup_itself(state):
     r, queued = request(state, "takeover store2 store1", "10.77.0.32")
     assert r.returncode == 0, r
     assert queued == ["10.77.0.32 takeover store2 store1\n"]
+    # and a restored primary takes its users back from its backup
+    r, queued = request(state, "takeover store1 store2", "10.77.0.31")
+    assert r.returncode == 0, r
+
+
+def test_a_node_that_serves_nobody_can_be_forgotten(state):
+    r, queued = request(state, "forget filter1", "10.77.0.33")
+    assert r.returncode == 0 and queued == ["10.77.0.33 forget filter1\n"], r

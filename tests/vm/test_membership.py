@@ -85,6 +85,38 @@ def test_a_filter_added_later_joins_without_touching_the_others(cluster, grown_s
     assert boot_ids(cluster, others) == before, "a running node was rebooted"
 
 
+def announce_as(m, peer_address: str, request: str) -> tuple[int, str]:
+    """`request` sent with the node's join key, as a compromised node would send it."""
+    return m.execute(
+        ". /usr/lib/mailcluster/members.sh; k=$(mktemp -p /run); trap 'rm -f $k' EXIT; "
+        "read_credential mailcluster.join-key >$k; "
+        f"$(cluster_ssh $k) -n mcjoin@{peer_address} '{request}' 2>&1")
+
+
+def test_a_joined_node_cannot_speak_for_another(cluster, site):
+    """filter3 holds the join key (every node does): it tries to take store1's name and
+    users, to have store1 forgotten, and to take store1 over. Every member refuses, and
+    mail keeps reaching store1."""
+    evil, me = cluster["filter3"], NEW["address"]
+    attempts = {
+        f"join store1 mailstore {me} active alice@example.test": "store1 is a member at 10.77.0.31",
+        "forget store1": "store1 still serves",
+        "takeover filter3 store1": "filter3 is not a mailstore",
+    }
+    for name in ("fe1", "filter1", "store1"):
+        address = str(site.node(name).address)
+        for request, why in attempts.items():
+            rc, out = announce_as(evil, address, request)
+            assert rc != 0 and f"refused: {why}" in out, (name, request, out)
+    for name in ("fe1", "filter1", "filter2", "store1"):
+        members = cluster[name].succeed("cat /var/lib/mailcluster/members")
+        assert "node store1 mailstore 10.77.0.31 active" in members and "user alice@example.test store1" in members
+    assert "alice@example.test relay:[10.77.0.31]:25" in cluster["filter1"].succeed("cat /etc/postfix/transport")
+    batch = new_tokens(2)
+    send_in_sessions(cluster, batch, per_session=1)
+    wait_in_mailboxes(cluster, [t for _, t in batch])
+
+
 def test_a_node_removed_from_the_site_is_forgotten_everywhere(cluster, site):
     """filter3 leaves the site: powered off, then forgotten from one member; every node
     drops it (the frontend's HAProxy no longer lists it, no firewall admits it)."""
