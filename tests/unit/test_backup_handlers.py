@@ -138,3 +138,55 @@ def test_the_receiving_rsync_always_munges_links(tmp_path, kind, request_):
 def test_other_rsync_requests_are_refused(tmp_path, request_):
     r, args = receive(tmp_path, "store", "store1", request_)
     assert r.returncode == 1 and "refused" in r.stderr and args is None
+
+
+def commit(tmp_path, sent: str, policy="recent=1\ndaily=0\nmonthly=0\n"):
+    (tmp_path / "policy").write_text(policy)
+    r, _ = receive(tmp_path, "store", "store1", f"commit {sent}")
+    return r
+
+
+def snapshot_dir(tmp_path):
+    return tmp_path / "mail" / "backups" / "store1"
+
+
+def seed(tmp_path, names, latest):
+    base = snapshot_dir(tmp_path)
+    for n in names:
+        (base / n / "crypt").mkdir(parents=True)
+    (base / "latest").symlink_to(latest)
+    (base / ".partial" / "crypt").mkdir(parents=True)
+    (base / ".partial" / "crypt" / "new-mail").write_text("ciphertext")
+    return base
+
+
+@pytest.fixture
+def prune_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MC_LIBEXEC", str(LIBEXEC))
+    monkeypatch.setenv("MC_BACKUP_POLICY", str(tmp_path / "policy"))
+
+
+def test_a_primary_whose_clock_is_behind_cannot_get_its_newest_backup_pruned(tmp_path, prune_env):
+    """The primary's clock says 2020: the snapshot is named by the backup's own clock,
+    becomes latest, and retention keeps it (it used to delete it and log "complete")."""
+    base = seed(tmp_path, ["2026-11-25T120040Z"], "2026-11-25T120040Z")
+    r = commit(tmp_path, "2020-01-01T000000Z")
+    assert r.returncode == 0, r.stderr
+    latest = base / "latest"
+    assert (latest / "crypt" / "new-mail").read_text() == "ciphertext"
+    assert latest.resolve().name > "2026-11-25T120040Z"
+    assert not (base / "2020-01-01T000000Z").exists()
+
+
+def test_latest_is_never_pruned_and_an_older_commit_is_refused(tmp_path, prune_env):
+    # a backup node whose own clock went back: its newest snapshot is dated in the future
+    base = seed(tmp_path, ["2026-11-25T120040Z", "2099-01-01T000000Z"], "2099-01-01T000000Z")
+    r = commit(tmp_path, "2099-01-01T010000Z")
+    assert r.returncode == 1 and "is not past the newest snapshot 2099-01-01T000000Z" in r.stderr
+    assert (base / ".partial" / "crypt" / "new-mail").exists()  # nothing lost, nothing committed
+    assert sorted(p.name for p in base.iterdir()) == [".partial", "2026-11-25T120040Z", "2099-01-01T000000Z", "latest"]
+    # Retention alone, with latest on the snapshot that is older by name: kept anyway.
+    (base / "latest").unlink()
+    (base / "latest").symlink_to("2026-11-25T120040Z")
+    subprocess.run(["bash", str(LIBEXEC / "backup-prune"), str(base), "1", "0", "0"], check=True)
+    assert (base / "2026-11-25T120040Z").is_dir() and (base / "2099-01-01T000000Z").is_dir()
