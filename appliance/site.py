@@ -210,6 +210,11 @@ class Tls(_Model):
         return self
 
 
+class Time(_Model):
+    servers: list[DomainName | ipaddress.IPv4Address] = Field(
+        default=[], max_length=16, description="NTP servers for every node; default: Debian's pool")
+
+
 class Image(_Model):
     data_size: Size = Field(default="2G", description="mailstore data partition, grown to the disk at first boot")
     extra_packages: list[PackageName] = Field(default=[], max_length=200)
@@ -228,6 +233,7 @@ class Site(_Model):
     frontend: Frontend = Frontend()
     tls: Tls = Tls()
     retention: Retention = Retention()
+    time: Time = Time()
     image: Image = Image()
 
     @property

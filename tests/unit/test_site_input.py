@@ -164,3 +164,16 @@ def test_check_lists_every_problem_offline(tmp_path):
     os.mkfifo(fifo)
     r = cli("--site", str(fifo), "check")  # would hang if the FIFO were opened for reading
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not a regular file" in r.stderr
+
+
+def test_time_servers_reach_timesyncd_and_bad_ones_are_refused(tmp_path):
+    from appliance.profiles import ProfileSet
+    from appliance.render import render
+    p = write_site(tmp_path, lambda d: d.update(time={"servers": ["ntp.example.test", "192.0.2.123"]}))
+    ps = ProfileSet.load()
+    out = render(load_site(p, ROLES), "filter", ps.compose("filter"), ps.overlay_dir, tmp_path / "b",
+                 tmp_path / "c", tmp_path / "p")
+    conf = next(out.glob("trees/*/10-base/etc/systemd/timesyncd.conf.d/50-mailcluster.conf")).read_text()
+    assert "\nNTP=ntp.example.test 192.0.2.123\n" in conf
+    msg = error_of(tmp_path, lambda d: d.update(time={"servers": ["ntp.example.test\nFallbackNTP=evil"]}))
+    assert "time.servers[0]" in msg
