@@ -245,6 +245,9 @@ def _postinst(commands: list[tuple[str, str]], checks: list[tuple[str, str]]) ->
         "# Generated: each layer's postinst commands, then every rendered daemon configuration",
         "# through the daemon's own checker.",
         "set -uo pipefail",
+        # mkosi 25 runs scripts in a network namespace whose loopback is down; Postfix's
+        # checker then finds no interface at all. (mkosi 24 leaves it up.)
+        "ip link set lo up 2>/dev/null || true",
         "fail() { echo \"CONFIG CHECK FAILED ($1): $2\" >&2; echo \"$3\" >&2; exit 1; }",
     ]
     for layer, cmd in commands:
