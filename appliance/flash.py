@@ -231,6 +231,9 @@ def inspect_target(path: Path, allow_file: bool) -> Target:
         return Target(path, False, None, "image file (replaced)")
     if not stat.S_ISBLK(st.st_mode):
         raise FlashError(f"{path} is neither a block device nor a regular file; nothing was written")
+    # The refusals by name first (they say why: mounted where, which partition); then the
+    # device is opened once, exclusively, and everything is checked again on it.
+    _refusals(path, st.st_rdev)
     try:
         fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
@@ -248,6 +251,15 @@ def inspect_target(path: Path, allow_file: bool) -> Target:
 
 def _check_block(path: Path, fd: int, rdev: int) -> Target:
     """Every refusal for the open device `fd` (its device number, never the path)."""
+    sys = _refusals(path, rdev)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0:
+        raise FlashError(f"{path} has no medium (size 0); nothing was written")
+    return Target(path, True, size, f"{_describe(sys)}, {size / 1e9:.1f} GB", fd=fd, rdev=rdev)
+
+
+def _refusals(path: Path, rdev: int) -> Path:
+    """A partition, the running system's disk, a disk in use: refused. Returns its sysfs."""
     sys = _sysfs(rdev)
     if (sys / "partition").exists():
         raise FlashError(f"{path} is a partition of /dev/{sys.parent.name}; nothing was written",
@@ -259,10 +271,7 @@ def _check_block(path: Path, fd: int, rdev: int) -> Target:
     if busy:
         raise FlashError(f"{path} is in use ({'; '.join(busy)}); nothing was written",
                          hint="unmount it (and stop swap, LVM or RAID on it) first")
-    size = os.lseek(fd, 0, os.SEEK_END)
-    if size == 0:
-        raise FlashError(f"{path} has no medium (size 0); nothing was written")
-    return Target(path, True, size, f"{_describe(sys)}, {size / 1e9:.1f} GB", fd=fd, rdev=rdev)
+    return sys
 
 
 # ---- writing and verifying ----------------------------------------------------------------

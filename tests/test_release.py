@@ -193,7 +193,8 @@ def test_publish_pushes_what_an_independent_client_sees(published, registry_url)
     manifest = json.loads(manifest_bytes)
     printed = dict(l.split() for l in published.splitlines() if l.startswith("  "))
     assert {l["annotations"]["org.opencontainers.image.title"]: l["digest"] for l in manifest["layers"]} == printed
-    assert set(printed) == {f"{ROLE}.raw.zst", f"{ROLE}.bmap", f"{ROLE}.manifest.json", "SHA256SUMS", "SHA256SUMS.asc"}
+    assert set(printed) == {f"{ROLE}.raw.zst", f"{ROLE}.bmap", f"{ROLE}.manifest.json", "release", "SHA256SUMS",
+                            "SHA256SUMS.asc"}
     notes = manifest["annotations"]
     assert notes["org.mailcluster.role"] == ROLE and notes["org.opencontainers.image.version"] == "2026.11"
     assert len(notes["org.opencontainers.image.revision"]) >= 40 and notes["org.opencontainers.image.created"]
@@ -266,7 +267,7 @@ def test_pull_refuses_changed_checksums_and_a_tampered_blob(published, registry_
     bmap_digest = dict(l.split() for l in published.splitlines() if l.startswith("  "))[f"{ROLE}.bmap"]
     blob = storage / "docker/registry/v2/blobs/sha256" / bmap_digest[7:9] / bmap_digest[7:] / "data"
     original = blob.read_bytes()
-    blob.write_bytes(original.replace(b"<BlockSize>", b"<BlockSize> ", 1))
+    blob.write_bytes(original.replace(b"<BlockSize>", b"<BLOCKSize>", 1))  # (same length: a digest check)
     try:
         r = build_py("pull", f"{host}/mail/appliance:2026.11", "--role", ROLE, "--trust", str(pub),
                      "--output", str(tmp_path / "b"))
