@@ -39,8 +39,14 @@ ACCEL = ("-accel", "tcg")
 # filter's 158-s boot under TCG with `-cpu max`). No SVM either: with it every guest
 # loaded kvm_amd for nothing. Images are the same; a real CPU gets Hyperscan.
 CPU = "qemu64,-svm"
-# vCPUs per guest: one guest booting alone uses both host cores.
+# vCPUs per guest: one guest booting alone (`./build.py run`) uses both host cores.
 SMP = 2
+# Guests of a cluster (the tests, `run --cluster`, bench/) get one: several share two
+# host cores, where a second vCPU bought nothing measurable (a 4-guest boot took as
+# long), and once a guest's idle second vCPU never woke again ("rcu_preempt kthread
+# timer wakeup didn't happen ... on cpu=1", the agent silent for 600 s) while the host
+# was loaded. One vCPU has no secondary CPU to lose.
+CLUSTER_SMP = 1
 
 
 def free_port() -> int:

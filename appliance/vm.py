@@ -348,7 +348,7 @@ class Cluster:
         creds.update(credentials or {})
         spec = qemu.VMSpec(
             name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,
-            memory_mb=self.memory_mb, forwards={p: qemu.free_port() for p in self.forwards(node)},
+            memory_mb=self.memory_mb, smp=qemu.CLUSTER_SMP, forwards={p: qemu.free_port() for p in self.forwards(node)},
             credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent,
         )
         m = Machine(spec)
