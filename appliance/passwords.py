@@ -8,6 +8,7 @@ against, and keeps every hash made before valid.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import secrets as pysecrets
 
@@ -18,6 +19,7 @@ PREFIX = "$6$"
 ROUNDS = 200_000
 
 
+@functools.lru_cache(maxsize=1)
 def _libcrypt() -> ctypes.CDLL:
     name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
     try:

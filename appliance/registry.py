@@ -466,22 +466,23 @@ def resolve(client: Client, role: str) -> tuple[str, dict]:
     return "sha256:" + hashlib.sha256(body).hexdigest(), doc
 
 
-def _trusted(key: str) -> str | None:
+def _trusted_state() -> dict[str, str]:
     try:
-        return json.loads(paths.TRUSTED_RELEASES.read_text()).get(key)
+        return json.loads(paths.TRUSTED_RELEASES.read_text())
     except FileNotFoundError:
-        return None
+        return {}
     except (OSError, ValueError) as e:
         raise RegistryError(f"{paths.TRUSTED_RELEASES}: cannot read the releases trusted so far: {e}",
                             hint="restore it from a backup; deleting it forgets which releases were seen") from None
 
 
+def _trusted(key: str) -> str | None:
+    return _trusted_state().get(key)
+
+
 def _trust(key: str, created: str) -> None:
     paths.TRUSTED_RELEASES.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        state = json.loads(paths.TRUSTED_RELEASES.read_text())
-    except FileNotFoundError:
-        state = {}
+    state = _trusted_state()
     state[key] = created
     tmp = paths.TRUSTED_RELEASES.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")

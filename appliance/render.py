@@ -7,6 +7,7 @@ rendered from the site model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -166,6 +167,7 @@ _SECTIONS_24 = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _mkosi_table() -> dict[str, tuple[str, str]] | None:
     """The installed mkosi's table: every setting name (old names too) -> (section,
     current name)."""
