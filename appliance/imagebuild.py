@@ -25,7 +25,7 @@ from . import archive, paths
 from .paths import HOST_PATH
 from .errors import BuildError
 from .profiles import ProfileSet
-from .render import render, tree_hash
+from .render import render, render_initrd, tree_hash
 from .site import Site
 
 KEEP_PER_VARIANT = 2
@@ -91,6 +91,7 @@ class Builder:
         self.build_root = build_root
         self.images_root = images_root
         self._archive: archive.ArchiveState | None = None
+        self._initrd: tuple[Path, Path] | None = None  # its configuration, its file
 
     @property
     def archive_state(self) -> archive.ArchiveState:
@@ -99,15 +100,61 @@ class Builder:
             self._archive = archive.current()
         return self._archive
 
+    def _salt(self) -> bytes:
+        # The Debian archive's state is an input too: a published security update is a
+        # new image.
+        return Path(__file__).read_bytes() + mkosi_version().encode() + self.archive_state.token.encode()
+
     def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
         variant = variant_name(role, extra)
         dest = self.build_root / self.site.name / variant
         render(self.site, role, self.profiles.compose(role, list(extra)), self.profiles.overlay_dir,
-               dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE)
-        # The Debian archive's state is an input too: a published security update is a
-        # new image.
-        salt = Path(__file__).read_bytes() + mkosi_version().encode() + self.archive_state.token.encode()
-        return dest, tree_hash(dest, salt)
+               dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, self.initrd_path())
+        return dest, tree_hash(dest, self._salt())
+
+    def initrd_path(self) -> Path:
+        """Where the initrd of every role's UKI is, built or not: it is built once per
+        mkosi, archive state and configuration, and its path names that hash, so a new
+        initrd makes a new image."""
+        if self._initrd is None:
+            dest = self.build_root / ".initrd"  # not a site name: those are never dotted
+            with locked(f"initrd-config-{self.build_root.as_posix().replace('/', '_')}"):
+                render_initrd(dest, paths.PACKAGE_CACHE)
+                self._initrd = (dest, paths.INITRDS / tree_hash(dest, self._salt()) / "initrd")
+        return self._initrd[1]
+
+    def _ensure_initrd(self) -> None:
+        """Build the shared initrd if it is not there yet (under the build lock)."""
+        done = self.initrd_path()
+        if done.exists():
+            return
+        self.log(f"initrd: building the initrd every role shares ({done.parent.name[:12]})")
+        self._run_mkosi_initrd(self._initrd[0], done)
+
+    def _run_mkosi_initrd(self, config: Path, done: Path) -> None:
+        paths.PACKAGE_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = paths.INITRDS / f".tmp-{done.parent.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            self._mkosi("initrd", config, staging)
+            # mkosi writes initrd.cpio.zst and a link to it named initrd
+            built = [p for p in staging.iterdir() if p.name.startswith("initrd.cpio") and not p.is_symlink()]
+            if len(built) != 1:
+                raise BuildError(f"initrd: mkosi wrote {sorted(p.name for p in staging.iterdir())}, "
+                                 "expected one initrd.cpio*")
+            (staging / "initrd").unlink(missing_ok=True)
+            built[0].rename(staging / "initrd")
+            final = done.parent
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        # The newest few stay: images in the store name theirs, and a rebuild reuses it.
+        olds = sorted((d for d in paths.INITRDS.iterdir() if not d.name.startswith(".") and d != final),
+                      key=lambda d: d.stat().st_mtime, reverse=True)
+        for d in olds[KEEP_PER_VARIANT:]:
+            shutil.rmtree(d, ignore_errors=True)
 
     def build(self, role: str, extra: tuple[str, ...] = (), refresh: bool = False) -> Artifact:
         variant = variant_name(role, extra)
@@ -132,47 +179,23 @@ class Builder:
 
     def _run_mkosi(self, role: str, variant: str, builddir: Path, digest: str, refresh: bool) -> None:
         paths.STORE.mkdir(parents=True, exist_ok=True)
-        for d in (paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, paths.CACHE / "logs", paths.CACHE / "work"):
-            d.mkdir(parents=True, exist_ok=True)
+        paths.MKOSI_CACHE.joinpath(role).mkdir(parents=True, exist_ok=True)
+        self._ensure_initrd()
         staging = paths.STORE / f".tmp-{digest}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        logpath = paths.CACHE / "logs" / f"{self.site.name}-{variant}-{stamp}.log"
-        cmd = ["mkosi", "--directory", str(builddir), "--output-dir", str(staging),
-               "--workspace-dir", str(paths.CACHE / "work"), "--force", "build"]
         cache = paths.MKOSI_CACHE / role
         if not refresh and not archive.cache_is_from(cache, self.archive_state):
             self.log(f"{variant}: Debian's package indexes differ from those {role}'s cache was built from: "
                      "resolving every package afresh")
             refresh = True
-        if refresh:
-            cmd.insert(-1, "--force")  # -ff: also drop the incremental cache, re-resolve packages
-        self.log(f"{variant}: building with mkosi (input {digest[:12]}; log {logpath})")
-        started = time.monotonic()
         try:
-            with open(logpath, "w") as log:
-                log.write("$ " + " ".join(cmd) + "\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", env={**os.environ, "PATH": HOST_PATH})
-                assert proc.stdout
-                steps: list[tuple[float, str]] = []  # when each of mkosi's steps began
-                for line in proc.stdout:
-                    log.write(line)
-                    if line.startswith("‣"):
-                        steps.append((time.monotonic() - started, line.lstrip("‣ ").rstrip()))
-                    if line.startswith("‣ ") and not line.startswith("‣  "):
-                        self.log(f"{variant}: [{steps[-1][0]:5.0f} s] {line[2:].rstrip()}")
-                rc = proc.wait()
-            if rc != 0:
-                raise BuildError(self._explain_failure(variant, logpath, rc), hint=f"full mkosi log: {logpath}")
+            elapsed, steps, logpath = self._mkosi(variant, builddir, staging, refresh, f"input {digest[:12]}")
             raw = staging / f"{role}.raw"
             if not raw.exists():
                 raise BuildError(f"{variant}: mkosi succeeded but wrote no {raw.name}", hint=f"full mkosi log: {logpath}")
-            elapsed = time.monotonic() - started
             archive.record_cache_state(cache, self.archive_state)
-            self._write_manifest(staging, role, variant, digest, elapsed, logpath, step_times(steps, elapsed))
+            self._write_manifest(staging, role, variant, digest, elapsed, logpath, steps)
             (staging / "complete").touch()
             final = paths.STORE / digest
             shutil.rmtree(final, ignore_errors=True)
@@ -180,6 +203,38 @@ class Builder:
             self.log(f"{variant}: built in {elapsed:.0f} s")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _mkosi(self, what: str, config: Path, outdir: Path, refresh: bool = False,
+               note: str = "") -> tuple[float, list[dict], Path]:
+        """One mkosi build of `config` into `outdir`, logged; its time and its steps' times."""
+        for d in (paths.PACKAGE_CACHE, paths.CACHE / "logs", paths.CACHE / "work"):
+            d.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        logpath = paths.CACHE / "logs" / f"{self.site.name}-{what}-{stamp}.log"
+        cmd = ["mkosi", "--directory", str(config), "--output-dir", str(outdir),
+               "--workspace-dir", str(paths.CACHE / "work"), "--force", "build"]
+        if refresh:
+            cmd.insert(-1, "--force")  # -ff: also drop the incremental cache, re-resolve packages
+        self.log(f"{what}: building with mkosi ({note + '; ' if note else ''}log {logpath})")
+        started = time.monotonic()
+        with open(logpath, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", env={**os.environ, "PATH": HOST_PATH})
+            assert proc.stdout
+            steps: list[tuple[float, str]] = []  # when each of mkosi's steps began
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("‣"):
+                    steps.append((time.monotonic() - started, line.lstrip("‣ ").rstrip()))
+                if line.startswith("‣ ") and not line.startswith("‣  "):
+                    self.log(f"{what}: [{steps[-1][0]:5.0f} s] {line[2:].rstrip()}")
+            rc = proc.wait()
+        if rc != 0:
+            raise BuildError(self._explain_failure(what, logpath, rc), hint=f"full mkosi log: {logpath}")
+        elapsed = time.monotonic() - started
+        return elapsed, step_times(steps, elapsed), logpath
 
     @staticmethod
     def _explain_failure(variant: str, logpath: Path, rc: int) -> str:

@@ -24,6 +24,7 @@ CACHE = Path(os.environ.get("MAILCLUSTER_CACHE", "/var/cache/mailcluster"))
 STORE = CACHE / "store"          # finished images by input hash
 MKOSI_CACHE = CACHE / "mkosi"    # incremental trees, one per role
 PACKAGE_CACHE = CACHE / "packages"
+INITRDS = CACHE / "initrd"       # the initrd every role shares, by input hash
 LOCKS = CACHE / "locks"
 
 # Debian's own tools first: mkosi's ukify needs python3-pefile under /usr/bin/python3, not

@@ -279,20 +279,16 @@ def render(
     dest: Path,
     cache_dir: Path,
     package_cache: Path,
+    initrd: Path | None = None,
 ) -> Path:
     """Write a complete mkosi configuration for `role` into `dest` (wiped first)."""
     layers = [*layers, site_layer(site, layers)]
-    if dest.exists():
-        shutil.rmtree(dest)
+    _fresh_config_dir(dest)
     (dest / "mkosi.conf.d").mkdir(parents=True)
 
     for rel, text in SKELETON.items():
         (dest / "skeleton" / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / "skeleton" / rel).write_text(text)
-
-    sources = dest / "pkgmngr/etc/apt/sources.list.d/mkosi.sources"
-    sources.parent.mkdir(parents=True)
-    sources.write_text(APT_SOURCES)
 
     context = {
         "site": site,
@@ -305,30 +301,29 @@ def render(
     renderer = TemplateRenderer(context)
 
     (dest / "mkosi.conf").write_text(_ini(mkosi_sections({
-        "Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64",
-        "PackageManagerTrees": "pkgmngr",
+        **_common_settings(package_cache),
         "Format": "disk",
         "ImageId": f"mailcluster-{role}",
         "Output": role,
         "ManifestFormat": "json",
         "CompressOutput": "no",
         "CacheDirectory": str(cache_dir),
-        "PackageCacheDirectory": str(package_cache),
         # Not mkosi's default names (mkosi.repart, mkosi.postinst.chroot): mkosi picks
         # those up by name as well, and ran the script twice when both applied.
         "RepartDirectories": "repart",
         "Bootable": "yes",
         "Bootloader": "systemd-boot",
         "UnifiedKernelImages": "yes",
-        "Locale": "C.UTF-8",
-        "Timezone": "UTC",
-        "Keymap": "us",
         "KernelCommandLine": CONSOLE_CMDLINE,
         "KernelModulesInitrdExclude": ".*",
         "KernelModulesInitrdInclude": INITRD_MODULES,
         "SkeletonTrees": "skeleton",
         "PostInstallationScripts": "postinst.chroot",
         "Incremental": "yes",
+        # Built once per archive state by the builder (render_initrd); mkosi would
+        # otherwise rebuild its default one in every build. The kernel's modules still
+        # come from each image, in the modules initrd mkosi adds (the lists above).
+        **({"Initrds": str(initrd)} if initrd else {}),
     })))
 
     commands: list[tuple[str, str]] = []
@@ -377,6 +372,39 @@ def render(
 
     (dest / "layers.json").write_text(json.dumps(
         {"role": role, "site": site.name, "layers": [l.name for l in layers]}, indent=2) + "\n")
+    return dest
+
+
+def _fresh_config_dir(dest: Path) -> None:
+    """An empty mkosi directory with the apt sources every build uses."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    sources = dest / "pkgmngr/etc/apt/sources.list.d/mkosi.sources"
+    sources.parent.mkdir(parents=True)
+    sources.write_text(APT_SOURCES)
+
+
+def _common_settings(package_cache: Path) -> dict[str, object]:
+    """What the images and their shared initrd are built from, and the settings mkosi
+    hands its default initrd from the image's own."""
+    return {
+        "Distribution": DISTRIBUTION[0], "Release": DISTRIBUTION[1], "Architecture": "x86-64",
+        "PackageManagerTrees": "pkgmngr",
+        "PackageCacheDirectory": str(package_cache),
+        "Locale": "C.UTF-8",
+        "Timezone": "UTC",
+        "Keymap": "us",
+    }
+
+
+def render_initrd(dest: Path, package_cache: Path) -> Path:
+    """The configuration of mkosi's own default initrd (its built-in mkosi-initrd), as
+    mkosi would derive it from any role's: one initrd serves every role."""
+    _fresh_config_dir(dest)
+    (dest / "mkosi.conf").write_text(_ini({"Config": {"Include": "mkosi-initrd"}}) + _ini(mkosi_sections({
+        **_common_settings(package_cache),
+        "Output": "initrd",
+    })))
     return dest
 
 

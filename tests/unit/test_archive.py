@@ -1,8 +1,12 @@
 """Images follow the Debian archive: a published package is a new input, a re-signed but
 unchanged archive is not."""
+import re
+from pathlib import Path
+
 import pytest
 
 from appliance import archive
+from appliance import paths as appliance_paths
 from appliance.errors import BuildError
 from appliance.imagebuild import Builder
 
@@ -61,3 +65,24 @@ def test_the_pin_is_what_every_build_of_the_run_sees(monkeypatch):
     pinned = state("c" * 64)
     monkeypatch.setenv(archive.PIN_ENV, pinned.to_json())
     assert archive.current().token == pinned.token
+
+
+def test_every_role_carries_one_shared_initrd_that_follows_the_archive(profiles, site, tmp_path):
+    """mkosi would build its default initrd again in every build; the builder makes one,
+    from mkosi's own initrd configuration, and every role's image names it. A published
+    package is a new initrd, and so a new image."""
+    builder = Builder(profiles, site, log=lambda m: None, build_root=tmp_path)
+    builder._archive = state("a" * 64)
+    named = {role: re.search(r"^Initrds=(.+)$", (builder.render(role)[0] / "mkosi.conf").read_text(), re.M)
+             for role in profiles.roles}
+    assert all(named.values()), f"a role's mkosi.conf names no initrd: {named}"
+    paths = {m.group(1) for m in named.values()}
+    assert len(paths) == 1, paths
+    initrd = Path(paths.pop())
+    assert initrd == builder.initrd_path() and initrd.parent.parent == appliance_paths.INITRDS
+    config = (tmp_path / ".initrd" / "mkosi.conf").read_text()
+    assert "Include=mkosi-initrd" in config and "Release=trixie" in config
+
+    later = Builder(profiles, site, log=lambda m: None, build_root=tmp_path)
+    later._archive = state("b" * 64)
+    assert later.initrd_path() != initrd
