@@ -146,8 +146,7 @@ def qemu_command(spec: VMSpec) -> list[str]:
             "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
-    if spec.credentials:
-        cmd += ["-smbios", f"file={spec.credentials_file}"]
+    cmd += ["-smbios", f"file={spec.credentials_file}"]
     return cmd
 
 
@@ -155,13 +154,23 @@ def qemu_command(spec: VMSpec) -> list[str]:
 _OEM_STRINGS, _OEM_HANDLE = 11, 0x0B00
 
 
-def smbios_table(credentials: dict[str, bytes]) -> bytes:
+# Under emulation on a busy host the root disk can appear minutes into the boot (four
+# guests booting beside image builds on two cores: virtio_blk probed after 157 s), and
+# systemd's default 90 s device timeout then drops the initrd into emergency mode.
+# Guests started here wait as long as the harness itself does. systemd-stub appends
+# this SMBIOS string to the UKI's command line; images on hardware keep the defaults.
+EMULATION_CMDLINE = ("systemd.default_device_timeout_sec=600",)
+
+
+def smbios_table(credentials: dict[str, bytes], cmdline_extra: tuple[str, ...] = ()) -> bytes:
     """systemd credentials as one SMBIOS type 11 (OEM strings) structure, which PID 1
     imports at boot. QEMU loads it from a file (`-smbios file=`): passed as
     `-smbios type=11,value=...` instead, every secret would be on QEMU's command line,
     which any local user can read in /proc."""
     strings = [f"io.systemd.credential.binary:{name}={base64.b64encode(value).decode()}".encode()
                for name, value in sorted(credentials.items())]
+    if cmdline_extra:
+        strings.append(f"io.systemd.stub.kernel-cmdline-extra={' '.join(cmdline_extra)}".encode())
     if not 0 < len(strings) < 256:
         raise ApplianceError(f"{len(strings)} credentials: an SMBIOS OEM-strings table holds 1 to 255")
     header = struct.pack("<BBHB", _OEM_STRINGS, 5, _OEM_HANDLE, len(strings))
@@ -170,14 +179,12 @@ def smbios_table(credentials: dict[str, bytes]) -> bytes:
 
 def write_credentials(spec: VMSpec) -> None:
     """The SMBIOS table QEMU reads at start, readable by this user only."""
-    if not spec.credentials:
-        return
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = spec.credentials_file.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(smbios_table(spec.credentials))
+        fh.write(smbios_table(spec.credentials, EMULATION_CMDLINE))
     tmp.replace(spec.credentials_file)
 
 

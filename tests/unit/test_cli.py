@@ -68,6 +68,8 @@ def oem_strings(table: bytes) -> dict[str, bytes]:
     assert strings[count:] == [b"", b""]  # the structure ends with a double NUL
     out = {}
     for s in strings[:count]:
+        if s.startswith(b"io.systemd.stub."):
+            continue  # for systemd-stub, not a credential
         name, _, value = s.decode().removeprefix("io.systemd.credential.binary:").partition("=")
         out[name] = base64.b64decode(value)
     return out
