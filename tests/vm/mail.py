@@ -156,6 +156,14 @@ def wait_delivered(store: Machine) -> None:
 
 
 # ---- through the frontend ------------------------------------------------------------
+FILTERS = ("filter1", "filter2")
+
+
+def queued(m: Machine) -> int:
+    """Messages in `m`'s Postfix queue."""
+    return len(m.succeed("postqueue -j").splitlines())
+
+
 def backend_status(c, backend: str = "filters_25") -> dict[str, str]:
     """HAProxy's view of each server of `backend`, from the stats endpoint on the admin network."""
     fe = c["fe1"]
