@@ -25,6 +25,13 @@ from .site import Node, Site
 from .wait import retry
 
 
+# How long a guest may take to boot before the harness gives up and reports it. Under
+# emulation a boot costs 1-3 minutes of CPU, and four or five guests share two cores,
+# sometimes beside image builds: a bound for a hang, not a performance target
+# (bench/boot_time.py measures those).
+BOOT_TIMEOUT = 900
+
+
 class MachineError(Exception):
     """The driver or the guest broke (as opposed to a test assertion failing)."""
 
@@ -56,7 +63,7 @@ class Machine:
         self._booted_once = False
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self, boot_timeout: float = 600, wait: bool = True, fresh: bool = False) -> None:
+    def start(self, boot_timeout: float = BOOT_TIMEOUT, wait: bool = True, fresh: bool = False) -> None:
         """Boot (or re-boot the same disk after shutdown/crash) and wait for the agent.
 
         wait=False returns once QEMU runs, so several guests can boot at once; then
@@ -71,7 +78,7 @@ class Machine:
         if wait:
             self.wait_started(boot_timeout)
 
-    def wait_started(self, timeout: float = 600) -> None:
+    def wait_started(self, timeout: float = BOOT_TIMEOUT) -> None:
         if self.spec.agent and self._agent is None:
             self._connect_agent(timeout)
 
@@ -228,7 +235,7 @@ class Machine:
         __tracebackhide__ = True
         self.wait_until_succeeds(f"ss -Htln 'sport = :{port}' | grep -q .", timeout)
 
-    def wait_for_boot(self, timeout: float = 240) -> None:
+    def wait_for_boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """multi-user.target reached (or a clear report of what failed on the way)."""
         __tracebackhide__ = True
         rc_out: dict[str, str] = {}
@@ -355,7 +362,7 @@ class Cluster:
         self.machines[node.name] = m
         return m
 
-    def boot(self, *names: str, timeout: float = 600,
+    def boot(self, *names: str, timeout: float = BOOT_TIMEOUT,
              created: Callable[[list[Machine]], None] | None = None) -> list[Machine]:
         """Start the named nodes together (their boots overlap) and, with the test agent,
         wait until each answers. `created` sees the machines before anything can fail.
