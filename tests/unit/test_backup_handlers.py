@@ -190,3 +190,28 @@ def test_latest_is_never_pruned_and_an_older_commit_is_refused(tmp_path, prune_e
     (base / "latest").symlink_to("2026-11-25T120040Z")
     subprocess.run(["bash", str(LIBEXEC / "backup-prune"), str(base), "1", "0", "0"], check=True)
     assert (base / "2026-11-25T120040Z").is_dir() and (base / "2099-01-01T000000Z").is_dir()
+
+
+def test_a_full_backup_disk_is_said_plainly_and_not_retried(node, tmp_path):
+    """The primary's side of a backup when its partner's disk is full: one clear line
+    (whose disk, that nothing committed was lost, what to do), no commit, no retries."""
+    mail, _, env = node
+    state = tmp_path / "state"
+    (state / "backup-key").mkdir()
+    (state / "backup-key" / "id_ed25519.paired").touch()
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    calls = tmp_path / "calls"
+    for name, body in {
+        "mountpoint": "exit 0",
+        "rsync": f'echo rsync >>{calls}; echo "rsync: [receiver] write failed on \\"/srv/mail/backups/store1/.partial/crypt/x\\": No space left on device (28)" >&2; exit 11',
+        "ssh": f'echo "ssh $*" >>{calls}; exit 0',
+        "sleep": f'echo sleep >>{calls}',
+    }.items():
+        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
+        (shims / name).chmod(0o755)
+    r = subprocess.run(["bash", str(LIBEXEC / "backup")], capture_output=True, text=True,
+                       env={**env, "PATH": f"{shims}:{os.environ['PATH']}"})
+    assert r.returncode == 1
+    assert "backup store2's disk is full" in r.stderr and "every snapshot committed before is intact" in r.stderr, r.stderr
+    assert calls.read_text().splitlines() == ["rsync"], "committed, or retried, after a full disk"
