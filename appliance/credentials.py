@@ -10,8 +10,13 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.node                "NAME ROLE ADDRESS": checked against the image's role
   mailcluster.peers               the cluster as the site describes it now (node, user and
                                   backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
-  mailcluster.join-key            the cluster's SSH key for join announcements (secret,
-                                  one per site): only nodes holding it can join
+  mailcluster.cluster-key         the node's own SSH key for announcements to the other
+                                  members (secret, one per node)
+  mailcluster.cluster-cert        that key's certificate, signed by the site's node CA: the
+                                  node's name and role (key ID NAME:ROLE, principal NAME),
+                                  usable only from its address (source-address)
+  mailcluster.node-ca             the node CA's public key: a member admits announcements
+                                  only from keys it signed, each speaking for its own name
   mailcluster.mailstore-key       mailstore: the eCryptfs passphrase of its mail store
   mailcluster.mail-users          mailstore: Dovecot passwd-file (hashes only, quotas)
   mailcluster.pairing-key         a primary mailstore: the secret it shares with its backup
@@ -64,9 +69,26 @@ class Secrets:
             "users", f"{address}.hash",
             make=lambda: hash_password(pw))
 
-    def join_key(self) -> str:
-        """The site's join key: an ed25519 SSH private key (OpenSSH format)."""
-        return self.get_or_create("join-key", make=lambda: ssh_key("mailcluster-join"))
+    def node_ca(self) -> str:
+        """The site's node CA: an ed25519 SSH key that signs each node's cluster key. It
+        stays here, on the operator's machine: no node holds it, so no node's disk can
+        make another node."""
+        return self.get_or_create("node-ca", make=lambda: ssh_key("mailcluster-node-ca"))
+
+    def node_ca_public(self) -> str:
+        return public_key(self.node_ca())
+
+    def cluster_key(self, node: str) -> str:
+        """The node's own SSH key for speaking to the other members."""
+        return self.get_or_create("nodes", node, "cluster-key", make=lambda: ssh_key(f"mailcluster {node}"))
+
+    def cluster_cert(self, node: Node) -> str:
+        """The node CA's certificate for the node's cluster key, binding name, role and
+        address (one file per role and address: a moved node gets a new one)."""
+        key = self.cluster_key(node.name)
+        return self.get_or_create(
+            "nodes", node.name, f"cluster-key-cert.{node.role}.{node.address}.pub",
+            make=lambda: sign_node_key(self.node_ca(), public_key(key), node))
 
     def pairing_key(self, primary: str) -> str:
         """The secret a primary mailstore and its backup share: an ed25519 SSH key."""
@@ -84,6 +106,29 @@ def ssh_key(comment: str) -> str:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
                        check=True, capture_output=True)
         return key.read_text()
+
+
+def public_key(private: str) -> str:
+    """The public half of an OpenSSH private key."""
+    r = subprocess.run(["ssh-keygen", "-y", "-f", "/dev/stdin"], input=private, check=True,
+                       capture_output=True, text=True)
+    return r.stdout
+
+
+def sign_node_key(ca: str, public: str, node: Node) -> str:
+    """A user certificate for `public`, for the node's account on its peers: key ID
+    NAME:ROLE (read by the receiving side's principals command), principal NAME, no
+    extensions (no terminal, no forwarding), and valid only from the node's address."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ca_file, pub_file = Path(tmp) / "ca", Path(tmp) / "node.pub"
+        fd = os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(ca)
+        pub_file.write_text(public)
+        subprocess.run(["ssh-keygen", "-q", "-s", str(ca_file), "-I", f"{node.name}:{node.role}", "-n", node.name,
+                        "-O", "clear", "-O", f"source-address={node.address}/32", str(pub_file)],
+                       check=True, capture_output=True)
+        return (Path(tmp) / "node-cert.pub").read_text()
 
 
 def mail_users(site: Site, secrets: Secrets) -> str:
@@ -125,7 +170,9 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "network.network.10-cluster": network.encode(),
         "mailcluster.node": f"{node.name} {node.role} {node.address}\n".encode(),
         "mailcluster.peers": peers(site).encode(),
-        "mailcluster.join-key": secrets.join_key().encode(),
+        "mailcluster.cluster-key": secrets.cluster_key(node.name).encode(),
+        "mailcluster.cluster-cert": secrets.cluster_cert(node).encode(),
+        "mailcluster.node-ca": secrets.node_ca_public().encode(),
     }
     if node.role == "mailstore":
         creds["mailcluster.mailstore-key"] = secrets.mailstore_key(node.name).encode()

@@ -171,7 +171,8 @@ def test_flash_to_a_file_is_the_image_plus_sealed_credentials(tmp_path, image):
                  env={"MAILCLUSTER_SECRETS": str(tmp_path / "secrets")})
     assert r.returncode == 0, r.stderr
     assert f"written and verified" in r.stdout
-    assert flash.esp_credentials(target) == ["mailcluster.join-key", "mailcluster.node", "mailcluster.peers",
+    assert flash.esp_credentials(target) == ["mailcluster.cluster-cert", "mailcluster.cluster-key", "mailcluster.node",
+                                             "mailcluster.node-ca", "mailcluster.peers",
                                              "network.network.10-cluster", "system.hostname"]
     # Only the ESP differs from the image: every byte outside it is the image's.
     start, size = flash.esp_extent(target)
@@ -390,7 +391,7 @@ def test_dist_is_one_file_that_runs_without_the_checkout(tmp_path):
     made = run("credentials", "fe1", "--format", "files", "--output", "creds")
     assert made.returncode == 0, made.stderr
     assert (op / "creds" / "system.hostname").read_text() == "fe1"
-    assert (op / "secrets" / "example" / "join-key").exists()
+    assert (op / "secrets" / "example" / "node-ca").exists()
 
 
 def test_registry_credentials_come_from_the_auth_file(tmp_path, monkeypatch):

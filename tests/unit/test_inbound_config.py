@@ -1,5 +1,7 @@
 """The inbound path's rendered configuration: the traps behind a PROXY-protocol balancer."""
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import yaml
 from appliance import dns, paths
 from appliance.errors import ConfigError
 from appliance.profiles import ProfileSet
-from appliance.credentials import Secrets, node_credentials, peers
+from appliance.credentials import Secrets, node_credentials, peers, public_key
 from appliance.render import render, tree_hash
 from appliance.site import parse_site
 
@@ -64,8 +66,44 @@ def test_peers_place_each_user_on_their_mailstore_and_backups_on_standby(tmp_pat
     assert ["backup", "store1", "store2"] in records
     creds = node_credentials(site, site.node("filter2"), None, Secrets(tmp_path))
     assert creds["mailcluster.node"] == b"filter2 filter 10.77.0.22\n"
-    assert creds["mailcluster.join-key"].startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
-    assert creds["mailcluster.join-key"] == node_credentials(site, site.node("fe1"), None, Secrets(tmp_path))["mailcluster.join-key"]
+
+
+def certificate(cert: bytes) -> str:
+    with tempfile.NamedTemporaryFile("wb", suffix="-cert.pub") as fh:
+        fh.write(cert)
+        fh.flush()
+        return subprocess.run(["ssh-keygen", "-L", "-f", fh.name], check=True, capture_output=True, text=True).stdout
+
+
+def fingerprint(key: bytes) -> str:
+    r = subprocess.run(["ssh-keygen", "-l", "-f", "/dev/stdin"], input=key, check=True, capture_output=True)
+    return r.stdout.split()[1].decode()
+
+
+def test_each_node_speaks_with_its_own_key_certified_for_its_name_role_and_address(tmp_path):
+    """No key shared by the site's nodes: each gets its own, and a certificate from the
+    site's node CA that names it, its role, and the one address it may use. The CA's
+    private key stays in the secrets: no node (no disk, no ESP) can certify another."""
+    site, secrets = site_with(), Secrets(tmp_path)
+    creds = {n.name: node_credentials(site, n, None, secrets) for n in site.nodes}
+    keys = {c["mailcluster.cluster-key"] for c in creds.values()}
+    assert len(keys) == len(site.nodes) and all(k.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----") for k in keys)
+    for node in site.nodes:
+        c = creds[node.name]
+        cert = certificate(c["mailcluster.cluster-cert"])
+        assert f'Key ID: "{node.name}:{node.role}"' in cert
+        assert re.search(rf"Principals: \n\s+{node.name}\n\s+Critical Options: \n\s+source-address {node.address}/32\n", cert), cert
+        assert "Extensions: (none)" in cert  # no terminal, no forwarding, even before `restrict`
+        assert f"Signing CA: ED25519 {fingerprint(c['mailcluster.node-ca'])} " in cert
+        assert f"Public key: ED25519-CERT {fingerprint(public_key(c['mailcluster.cluster-key'].decode()).encode())}" in cert
+        held = [public_key(v.decode()) for v in c.values() if v.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")]
+        assert held and secrets.node_ca_public() not in held
+    # The same again for the same node: re-making credentials (a re-flash) changes nothing.
+    assert node_credentials(site, site.node("fe1"), None, secrets) == creds["fe1"]
+    # A node moved to another address gets a certificate for that address.
+    moved = site_with(lambda d: next(n for n in d["nodes"] if n["name"] == "fe1").update(address="10.77.0.11"))
+    assert "source-address 10.77.0.11/32" in certificate(
+        node_credentials(moved, moved.node("fe1"), None, secrets)["mailcluster.cluster-cert"])
 
 
 def test_images_do_not_depend_on_the_cluster_members(profiles, tmp_path):

@@ -1,6 +1,7 @@
-"""The join handler (sshd ForceCommand for the cluster's join key), run on the host
-against a scratch state directory: a node may only speak for itself, and nothing
-malformed reaches the queue that root applies."""
+"""The join handler (the command sshd forces for a node key the site's node CA signed,
+told which node the certificate names) and the principals command that binds the two,
+run on the host against a scratch state directory: a node may only speak for itself, and
+nothing malformed reaches the queue that root applies."""
 import os
 import subprocess
 
@@ -10,6 +11,10 @@ from appliance import paths
 
 BASE = paths.OVERLAYS / "10-base"
 HANDLER = BASE / "usr/libexec/mailcluster/join-request"
+PRINCIPALS = BASE / "usr/libexec/mailcluster/principals"
+ADDRESSES = {"10.77.0.10": "fe1 frontend", "10.77.0.21": "filter1 filter", "10.77.0.23": "filter3 filter",
+             "10.77.0.31": "store1 mailstore", "10.77.0.32": "store2 mailstore", "10.77.0.33": "store3 mailstore",
+             "10.77.0.34": "store4 mailstore"}
 
 MEMBERS = """\
 node fe1 frontend 10.77.0.10 active
@@ -31,10 +36,17 @@ def state(tmp_path):
     return tmp_path
 
 
-def request(state, text: str, source: str):
-    env = {**os.environ, "MC_STATE": str(state), "MC_ROLE": "frontend", "MC_LIB": str(BASE / "usr/lib/mailcluster"),
-           "SSH_CONNECTION": f"{source} 40000 10.77.0.10 22", "SSH_ORIGINAL_COMMAND": text}
-    r = subprocess.run(["bash", str(HANDLER)], env=env, capture_output=True, text=True)
+ENV = {**os.environ, "MC_ROLE": "frontend", "MC_LIB": str(BASE / "usr/lib/mailcluster")}
+
+
+def request(state, text: str, source: str, certified: str | None = None):
+    """`text` from `source`, by the node a certificate names `certified` ("NAME ROLE"; by
+    default the node whose address `source` is: sshd enforces the certificate's
+    source-address)."""
+    env = {**ENV, "MC_STATE": str(state), "SSH_CONNECTION": f"{source} 40000 10.77.0.10 22",
+           "SSH_ORIGINAL_COMMAND": text}
+    who = (certified if certified is not None else ADDRESSES.get(source, "")).split()
+    r = subprocess.run(["bash", str(HANDLER), *who], env=env, capture_output=True, text=True)
     queued = [p.read_text() for p in sorted((state / "inbox").iterdir())]
     return r, queued
 
@@ -60,11 +72,17 @@ def test_a_node_joins_for_itself(state):
     ("takeover store2 store1", "10.77.0.66", "store2 is not a member at 10.77.0.66"),
     ("takeover filter1 store1", "10.77.0.21", "filter1 is not a mailstore"),
     ("forget fe1", "10.77.0.21", "cannot be told to forget itself"),
-    ("forget store1", "192.0.2.1", "192.0.2.1 is not a member"),
-    # A join-key holder speaking for others (each reproduced against the old handler):
-    # the frontend announcing itself as store1 with store1's users,
-    ("join store1 mailstore 10.77.0.10 active alice@example.test", "10.77.0.10", "store1 is a member at 10.77.0.31"),
-    # a new host taking a member's name at its own address, or a member's address,
+    ("forget store1", "10.77.0.23", "filter3 is not a member at 10.77.0.23"),
+    # A node speaking for others (each reproduced against the handler of the shared
+    # join key): the frontend announcing itself as store1 with store1's users,
+    ("join store1 mailstore 10.77.0.10 active alice@example.test", "10.77.0.10", "fe1 cannot speak for store1"),
+    # as another role,
+    ("join fe1 mailstore 10.77.0.10 active alice@example.test", "10.77.0.10", "fe1 is certified as a frontend, not a mailstore"),
+    # taking over the users of a pair it is not part of in another node's name,
+    ("takeover store2 store1", "10.77.0.21", "filter1 cannot speak for store2"),
+    # a certificate that was made for a member's name at another address, or for a new
+    # name at a member's address (sshd checks the certificate's address; these are what
+    # a mistaken or stale certificate could still claim),
     ("join store1 mailstore 10.77.0.66 active", "10.77.0.66", "store1 is a member at 10.77.0.31"),
     ("join evil mailstore 10.77.0.21 active alice@example.test", "10.77.0.21", "10.77.0.21 is member filter1's address"),
     # a member changing its role,
@@ -76,7 +94,16 @@ def test_a_node_joins_for_itself(state):
     ("sh -c id", "10.77.0.21", "unknown request 'sh'"),
 ])
 def test_refused_requests_name_the_problem_and_queue_nothing(state, text, source, why):
-    r, queued = request(state, text, source)
+    # (whom the certificate names where the source is not that node's address: what the
+    # handler checks itself, beyond sshd's check of the certificate's source-address)
+    certified = {("join filter3 filter 10.77.0.23 active", "10.77.0.99"): "filter3 filter",
+                 ("join filter3 filter 10.77.0.300 active", "10.77.0.300"): "filter3 filter",
+                 ("takeover store2 store1", "10.77.0.66"): "store2 mailstore",
+                 ("join store1 mailstore 10.77.0.66 active", "10.77.0.66"): "store1 mailstore",
+                 ("join evil mailstore 10.77.0.21 active alice@example.test", "10.77.0.21"): "evil mailstore",
+                 ("join filter1 mailstore 10.77.0.21 active alice@example.test", "10.77.0.21"): "filter1 mailstore",
+                 ("forget store1", "192.0.2.1"): "fe1 frontend"}.get((text, source))
+    r, queued = request(state, text, source, certified)
     assert r.returncode == 1 and why in r.stdout, r
     assert queued == []
 
@@ -93,3 +120,30 @@ def test_a_takeover_comes_from_the_backup_itself(state):
 def test_a_node_that_serves_nobody_can_be_forgotten(state):
     r, queued = request(state, "forget filter1", "10.77.0.33")
     assert r.returncode == 0 and queued == ["10.77.0.33 forget filter1\n"], r
+
+
+@pytest.mark.parametrize("who", ["", "filter1", "filter1 webmail", "Filter1 filter", "../x filter"])
+def test_no_certified_identity_no_request(state, who):
+    """The handler runs only as told by the principals command; started any other way it
+    queues nothing."""
+    r, queued = request(state, "join filter1 filter 10.77.0.21 active", "10.77.0.21", certified=who)
+    assert r.returncode == 1 and "no certified node identity" in r.stdout, r
+    assert queued == []
+
+
+def principals(key_id: str):
+    return subprocess.run(["bash", str(PRINCIPALS), key_id], env=ENV, capture_output=True, text=True)
+
+
+def test_a_certificate_admits_its_own_node_only():
+    r = principals("filter3:filter")
+    assert r.returncode == 0, r
+    # one principal, the node's name; the handler forced, told who speaks; nothing else
+    assert r.stdout == 'restrict,command="/usr/libexec/mailcluster/join-request filter3 filter" filter3\n'
+
+
+@pytest.mark.parametrize("key_id", ["filter3", "filter3:webmail", "filter3:filter:x", "Filter3:filter",
+                                    'x" y:filter', "filter3:filter,command=sh", ":filter", ""])
+def test_a_key_id_that_is_not_a_node_admits_nobody(key_id):
+    r = principals(key_id)
+    assert r.returncode != 0 and r.stdout == "", r

@@ -30,7 +30,7 @@ def test_a_flashed_loop_device_boots_as_the_node(tmp_path, test_images, site):
             assert f"inet {node.address}/" in m.succeed("ip -4 -o addr show")
             # Sealed on the ESP, opened by the node: nothing arrived unencrypted.
             m.fail("ls /run/credentials/@system")
-            assert "mailcluster.join-key" in m.succeed("ls /run/credentials/@encrypted")
+            assert "mailcluster.cluster-key" in m.succeed("ls /run/credentials/@encrypted")
             m.wait_for_unit("haproxy.service")
         finally:
             _live.remove(m)

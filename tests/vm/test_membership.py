@@ -88,23 +88,29 @@ def test_a_filter_added_later_joins_without_touching_the_others(cluster, grown_s
     assert boot_ids(cluster, others) == before, "a running node was rebooted"
 
 
-def announce_as(m, peer_address: str, request: str) -> tuple[int, str]:
-    """`request` sent with the node's join key, as a compromised node would send it."""
+def announce_as(m, peer_address: str, request: str, certified: bool = True) -> tuple[int, str]:
+    """`request` sent as a compromised node would send it: with the node's own cluster key
+    and certificate, or (certified=False) with a key of its own making that the site's
+    node CA never signed."""
+    key = ("read_credential mailcluster.cluster-key >$k; read_credential mailcluster.cluster-cert >$k-cert.pub; "
+           "c=$k-cert.pub" if certified else "ssh-keygen -q -t ed25519 -N '' -f $k >/dev/null; c=")
     return m.execute(
-        ". /usr/lib/mailcluster/members.sh; k=$(mktemp -p /run); trap 'rm -f $k' EXIT; "
-        "read_credential mailcluster.join-key >$k; "
-        f"$(cluster_ssh $k) -n mcjoin@{peer_address} '{request}' 2>&1")
+        ". /usr/lib/mailcluster/members.sh; umask 077; k=$(mktemp -u -p /run); trap 'rm -f $k $k-cert.pub $k.pub' EXIT; "
+        f"{key}; $(cluster_ssh $k $c) -n mcjoin@{peer_address} '{request}' 2>&1")
 
 
 def test_a_joined_node_cannot_speak_for_another(cluster, site):
-    """filter3 holds the join key (every node does): it tries to take store1's name and
-    users, to have store1 forgotten, and to take store1 over. Every member refuses, and
-    mail keeps reaching store1."""
+    """filter3, a member with its own certified key, tries to take store1's name and
+    users, to take store1 over as store2 or as itself, and to have store1 forgotten; then,
+    with a key the site's CA never signed, to join under a new name. Every member refuses,
+    and mail keeps reaching store1."""
     evil, me = cluster["filter3"], NEW["address"]
     attempts = {
-        f"join store1 mailstore {me} active alice@example.test": "store1 is a member at 10.77.0.31",
-        "forget store1": "store1 still serves",
+        f"join store1 mailstore {me} active alice@example.test": "filter3 cannot speak for store1",
+        f"join filter3 mailstore {me} active alice@example.test": "filter3 is certified as a filter, not a mailstore",
+        "takeover store2 store1": "filter3 cannot speak for store2",
         "takeover filter3 store1": "filter3 is not a mailstore",
+        "forget store1": "store1 still serves",
     }
     for name in ("fe1", "filter1", "store1"):
         address = str(site.node(name).address)
@@ -113,9 +119,13 @@ def test_a_joined_node_cannot_speak_for_another(cluster, site):
                 why = "a node cannot be told to forget itself"  # (store1 refuses that first)
             rc, out = announce_as(evil, address, request)
             assert rc != 0 and f"refused: {why}" in out, (name, request, out)
+        # A key of its own: sshd admits nobody the CA did not certify.
+        rc, out = announce_as(evil, address, f"join evil filter {me} active", certified=False)
+        assert rc != 0 and "Permission denied (publickey)" in out and "queued" not in out, (name, out)
     for name in ("fe1", "filter1", "filter2", "store1"):
         members = cluster[name].succeed("cat /var/lib/mailcluster/members")
         assert "node store1 mailstore 10.77.0.31 active" in members and "user alice@example.test store1" in members
+        assert " evil " not in members and "node filter3 filter 10.77.0.23 active" in members
     assert "alice@example.test relay:[10.77.0.31]:25" in cluster["filter1"].succeed("cat /etc/postfix/transport")
     batch = new_tokens(2)
     send_in_sessions(cluster, batch, per_session=1)

@@ -83,12 +83,12 @@ set_node() {
 	echo "node $1 $2 $3 $4" >>"$MEMBERS"
 }
 
-# cluster_ssh KEY: the ssh command line of every connection between members (KEY only,
-# never a prompt). A peer's host key is pinned at first contact, and again after the
-# peer announces itself with the join key (members, fold join: a rebuilt node has new
+# cluster_ssh KEY [CERT]: the ssh command line of every connection between members (KEY,
+# with its certificate CERT if given, only; never a prompt). A peer's host key is pinned at first contact, and again after the
+# peer announces itself with its certified key (members, fold join: a rebuilt node has new
 # host keys); the keys, not the host keys, are what authenticate.
 cluster_ssh() {
-	echo "ssh -i $1 -o IdentitiesOnly=yes -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=accept-new" \
+	echo "ssh -i $1 ${2:+-o CertificateFile=$2 }-o IdentitiesOnly=yes -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=accept-new" \
 		"-o UserKnownHostsFile=$MC_STATE/known_hosts -o LogLevel=ERROR"
 }
 
