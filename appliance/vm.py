@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import json
 import shlex
 import shutil
 import socket
@@ -36,6 +37,11 @@ class MachineError(Exception):
     """The driver or the guest broke (as opposed to a test assertion failing)."""
 
 
+# Where each guest's run is accounted, one JSON line per QEMU run (name, wall and CPU
+# seconds), when set: the test session sums them up.
+CPU_LOG: Path | None = None
+
+
 def log(msg: str) -> None:
     print(f"[vm] {msg}", file=sys.stderr, flush=True)
 
@@ -57,10 +63,16 @@ class Machine:
     def __init__(self, spec: qemu.VMSpec):
         self.spec = spec
         self.name = spec.name
-        self.process = qemu.QemuProcess(spec)
+        self.process = qemu.QemuProcess(spec, on_exit=self._exited)
         self._agent: socket.socket | None = None
         self._agent_buf = b""
         self._booted_once = False
+
+    def _exited(self, wall: float, cpu: float) -> None:
+        log(f"{self.name}: QEMU exited after {wall:.0f} s, having used {cpu:.0f} CPU-s")
+        if CPU_LOG:
+            with open(CPU_LOG, "a") as fh:
+                fh.write(json.dumps({"name": self.name, "wall": round(wall, 1), "cpu": round(cpu, 1)}) + "\n")
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self, boot_timeout: float = BOOT_TIMEOUT, wait: bool = True, fresh: bool = False) -> None:

@@ -1,13 +1,16 @@
 """Shared fixtures: the example site, test-layer images (built once per input hash), VMs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from appliance import archive, paths
+from appliance import archive, paths, vm
 from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.profiles import ProfileSet, port_numbers, resolved_ports
@@ -27,14 +30,42 @@ def _terminated(*_):
 signal.signal(signal.SIGTERM, _terminated)
 
 
+CPU_LOG_ENV = "MAILCLUSTER_GUEST_CPU_LOG"
+
+
 def pytest_configure(config):
     """One state of the Debian archive for the whole run: xdist workers and the builds
-    they start inherit it, so a package Debian publishes mid-run changes no image."""
-    if archive.PIN_ENV not in os.environ and not hasattr(config, "workerinput"):
-        try:
-            os.environ[archive.PIN_ENV] = archive.current().to_json()
-        except ApplianceError:
-            pass  # each build then asks itself, and says what is wrong
+    they start inherit it, so a package Debian publishes mid-run changes no image. And one
+    file where every worker accounts its guests' CPU time."""
+    if not hasattr(config, "workerinput"):
+        if archive.PIN_ENV not in os.environ:
+            try:
+                os.environ[archive.PIN_ENV] = archive.current().to_json()
+            except ApplianceError:
+                pass  # each build then asks itself, and says what is wrong
+        fd, path = tempfile.mkstemp(prefix="guest-cpu-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[CPU_LOG_ENV] = path
+    if os.environ.get(CPU_LOG_ENV):
+        vm.CPU_LOG = Path(os.environ[CPU_LOG_ENV])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """What the guests cost: under TCG the suite's time is their CPU time."""
+    if hasattr(config, "workerinput") or not vm.CPU_LOG or not vm.CPU_LOG.exists():
+        return
+    runs = [json.loads(line) for line in vm.CPU_LOG.read_text().splitlines() if line.strip()]
+    vm.CPU_LOG.unlink()
+    if not runs:
+        return
+    per: dict[str, list[dict]] = {}
+    for r in runs:
+        per.setdefault(r["name"], []).append(r)
+    terminalreporter.section("guest CPU (QEMU runs, CPU seconds each)")
+    for name, rs in sorted(per.items(), key=lambda kv: -sum(r["cpu"] for r in kv[1])):
+        terminalreporter.write_line(f"{name:10} {sum(r['cpu'] for r in rs):7.0f} CPU-s in {len(rs)} runs: "
+                                    + ", ".join(f"{r['cpu']:.0f}" for r in rs))
+    terminalreporter.write_line(f"{'all':10} {sum(r['cpu'] for r in runs):7.0f} CPU-s in {len(runs)} runs")
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,27 @@ def test_each_role_boots_on_a_cpu_without_ssse3_or_svm(tmp_path):
         assert cmd[cmd.index("-smp") + 1] == "2"
         roles.add(node.role)
     assert roles == {"filter", "frontend", "mailstore"}
+
+
+def test_every_guest_run_reports_the_cpu_time_it_cost(tmp_path):
+    """The harness's accounting of guest CPU (the suite's real budget under TCG): a run that
+    ends by itself and one that is killed are each reported once, with what they used."""
+    import subprocess
+    import sys
+    import time
+
+    runs = []
+    p = qemu.QemuProcess(qemu.VMSpec(name="a", image=Path("/img.raw"), state_dir=tmp_path),
+                         on_exit=lambda wall, cpu: runs.append((wall, cpu)))
+    # (a stand-in for QEMU: a real process that burns half a second of CPU, then exits)
+    p.proc = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                               "while time.process_time() - t < 0.5: pass"])
+    p.started_at = time.monotonic()
+    assert p.wait_exit(60) and not p.running
+    assert len(runs) == 1 and runs[0][1] >= 0.45 and runs[0][0] >= runs[0][1] * 0.9, runs
+    p.proc = subprocess.Popen(["sleep", "60"])
+    p.started_at = time.monotonic()
+    assert p.running
+    p.kill()
+    assert not p.running and p.proc.returncode == -9
+    assert len(runs) == 2 and runs[1][1] < 0.2 and runs[1][0] < 30, runs
