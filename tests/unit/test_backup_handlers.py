@@ -215,3 +215,64 @@ def test_a_full_backup_disk_is_said_plainly_and_not_retried(node, tmp_path):
     assert r.returncode == 1
     assert "backup store2's disk is full" in r.stderr and "every snapshot committed before is intact" in r.stderr, r.stderr
     assert calls.read_text().splitlines() == ["rsync"], "committed, or retried, after a full disk"
+
+
+def shim(tmp_path, **bodies) -> dict:
+    """PATH with each named command replaced by a bash body."""
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    for name, body in bodies.items():
+        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
+        (shims / name).chmod(0o755)
+    return {"PATH": f"{shims}:{os.environ['PATH']}"}
+
+
+# The mail partition with 1 MiB free, as df -P reports it.
+FULL_DF = 'echo "Filesystem 1024-blocks Used Available Capacity Mounted on"; echo "/dev/vda3 1048576 1047552 1024 100% /srv/mail"'
+
+
+def test_a_restore_that_does_not_fit_is_refused_before_the_store_is_touched(node, tmp_path):
+    mail, _, env = node
+    (mail / "restore" / ".incoming" / "crypt" / "big").write_bytes(os.urandom(2 << 20))
+    calls = tmp_path / "calls"
+    r, status = apply(mail, {**env, **shim(tmp_path, df=FULL_DF, systemctl=f"echo systemctl $* >>{calls}")})
+    assert r.returncode == 1
+    assert status.startswith("refused: not enough room on ") and "it needs 3 MiB, 1 MiB are free" in status, status
+    assert "nothing changed" in status
+    assert untouched(mail) and not calls.exists(), "the store was let go of before the copy was known to fit"
+
+
+def test_a_takeover_that_does_not_fit_changes_nothing(tmp_path):
+    """store2 takes over store1: the newest snapshot does not fit beside what its disk
+    holds. Said before anything stops, with what it needs; its own store stays."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for f in (LIB / "members.sh", STORE_LIB / "store.sh"):
+        (lib / f.name).symlink_to(f)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "identity").write_text("store2 mailstore 10.77.0.32\n")
+    (state / "members").write_text("node store1 mailstore 10.77.0.31 active\n"
+                                   "node store2 mailstore 10.77.0.32 standby\nbackup store1 store2\n")
+    mail = tmp_path / "mail"
+    (mail / "crypt").mkdir(parents=True)
+    (mail / "crypt" / "own").write_text("standby")
+    snap = mail / "backups" / "store1" / "2026-12-01T000000Z"
+    (snap / "crypt").mkdir(parents=True)
+    (snap / "crypt" / "mbox").write_bytes(os.urandom(2 << 20))
+    (snap / "key-signature").write_text(OWN_SIG + "\n")
+    (snap.parent / "latest").symlink_to(snap.name)
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail),
+           **shim(tmp_path, df=FULL_DF, systemctl=f"echo systemctl $* >>{calls}",
+                  **{"ecryptfs-add-passphrase": f'cat >/dev/null; echo "Inserted auth tok with sig [{OWN_SIG}] into the user session keyring"',
+                     "systemd-creds": f"echo systemd-creds $* >>{calls}"})}
+    r = subprocess.run(["bash", str(paths.OVERLAYS / "60-mailstore/usr/sbin/mailcluster-takeover"), "store1", str(key)],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r
+    assert "takeover: not enough room on " in r.stderr and "it needs 3 MiB, 1 MiB are free" in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith("nothing changed")
+    assert not calls.exists() and (mail / "crypt" / "own").read_text() == "standby"
+    assert sorted(p.name for p in mail.iterdir()) == ["backups", "crypt"]  # nothing set aside

@@ -21,6 +21,17 @@ set_store_aside() {
 	echo "$aside"
 }
 
+# room_for DIR: succeeds if $MAIL has room for a copy of DIR's store with 5% to spare
+# (the copy is made before the current store is let go), else says what is missing.
+room_for() {
+	local need free
+	need=$(du -sk -- "$1/crypt" | awk '{ print $1 }')
+	free=$(df -Pk -- "$MAIL" | awk 'NR == 2 { print $4 }')
+	((need + need / 20 < free)) && return 0
+	echo "not enough room on $MAIL for a copy of the store in $1: it needs $((need / 1024 + 1)) MiB, $((free / 1024)) MiB are free (stores set aside earlier are in $MAIL/standby-* and $MAIL/replaced-*)"
+	return 1
+}
+
 # install_store DIR: DIR's crypt/ and key-signature, as mcbackup received them, become
 # this node's store. A copy, not hard links: Dovecot updates index files in place, and
 # DIR stays as it was. Owners and modes come back from the xattrs that mcbackup kept
