@@ -3,6 +3,7 @@ arrives over the network is never followed as a link, never echoed back, and rsy
 as a fixed server command that munges links."""
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,22 @@ def test_a_takeover_that_does_not_fit_changes_nothing(tmp_path):
     assert r.stderr.rstrip().endswith("nothing changed")
     assert not calls.exists() and (mail / "crypt" / "own").read_text() == "standby"
     assert sorted(p.name for p in mail.iterdir()) == ["backups", "crypt"]  # nothing set aside
+
+
+def test_only_the_newest_store_set_aside_is_kept(tmp_path):
+    """Each takeover or restore sets the current store aside; the one before is deleted,
+    and said so, instead of filling the disk one store per fail-over."""
+    mail = tmp_path / "mail"
+    (mail / "crypt").mkdir(parents=True)
+    (mail / "crypt" / "current").write_text("x")
+    (mail / "key-signature").write_text(OWN_SIG + "\n")
+    for old in ("replaced-20261101T000000Z", "replaced-20261102T000000Z", "standby-20261101T000000Z"):
+        (mail / old / "crypt").mkdir(parents=True)
+    (mail / "replaced-link").symlink_to(tmp_path)  # (nothing that is not a directory of ours is touched)
+    r = subprocess.run(["bash", "-c", f'. {STORE_LIB / "store.sh"}; set_store_aside replaced'],
+                       env={**os.environ, "MC_MAIL": str(mail)}, capture_output=True, text=True)
+    assert r.returncode == 0, r
+    aside = Path(r.stdout.strip())
+    assert (aside / "crypt" / "current").read_text() == "x" and (aside / "key-signature").exists()
+    assert sorted(p.name for p in mail.iterdir()) == sorted([aside.name, "replaced-link", "standby-20261101T000000Z"])
+    assert r.stderr.count("deleted ") == 2 and "replaced-20261101T000000Z" in r.stderr, r.stderr

@@ -11,13 +11,19 @@ MAIL=${MC_MAIL:-/srv/mail}
 STORE_FILES=(--include=/key-signature --include=/crypt/ --include='/crypt/**' --exclude='*')
 
 # set_store_aside WHY: moves this node's store (crypt/ and key-signature) into
-# $MAIL/WHY-STAMP, kept rather than deleted, and prints that directory.
+# $MAIL/WHY-STAMP, kept rather than deleted, and prints that directory. Only the newest
+# of each WHY is kept: older ones are deleted (and said so on stderr), so that a node
+# that takes over or is restored again and again does not fill its disk.
 set_store_aside() {
-	local aside
+	local aside old
 	aside=$MAIL/$1-$(date -u +%Y%m%dT%H%M%SZ)
 	mkdir "$aside" || return 1
 	if [[ -e $MAIL/crypt ]]; then mv "$MAIL/crypt" "$aside/" || return 1; fi
 	if [[ -e $MAIL/key-signature ]]; then mv "$MAIL/key-signature" "$aside/" || return 1; fi
+	for old in "$MAIL/$1"-*; do
+		[[ -d $old && ! -L $old && $old != "$aside" ]] || continue
+		rm -rf -- "$old" && echo "deleted $old, set aside before $aside" >&2
+	done
 	echo "$aside"
 }
 
