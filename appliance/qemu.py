@@ -156,12 +156,13 @@ _OEM_STRINGS, _OEM_HANDLE = 11, 0x0B00
 
 # Under emulation on a busy host the root disk can appear minutes into the boot (four
 # guests booting beside image builds on two cores: virtio_blk probed after 157 s), and
-# systemd's default 90 s device timeout then drops the initrd into emergency mode.
-# Guests started here wait 10 minutes, inside the harness's own boot bound
-# (vm.BOOT_TIMEOUT), so a guest that never finds its disk is still reported by the
-# harness. systemd-stub appends this SMBIOS string to the UKI's command line; images on
-# hardware keep the defaults.
-EMULATION_CMDLINE = ("systemd.default_device_timeout_sec=600",)
+# systemd's default 90 s device timeout then drops the initrd into emergency mode; a
+# unit's start can take as long (Postfix's ExecStartPre on a filter, starved for 90 s
+# while the host was busy, was killed and the filter never served). Guests started here
+# wait 10 minutes for both, inside the harness's own boot bound (vm.BOOT_TIMEOUT), so a
+# guest that never finds its disk is still reported by the harness. systemd-stub appends
+# this SMBIOS string to the UKI's command line; images on hardware keep the defaults.
+EMULATION_CMDLINE = ("systemd.default_device_timeout_sec=600", "systemd.default_timeout_start_sec=600")
 
 
 def smbios_table(credentials: dict[str, bytes], cmdline_extra: tuple[str, ...] = ()) -> bytes:

@@ -52,7 +52,8 @@ def test_credentials_reach_qemu_in_a_private_file_never_on_its_command_line(tmp_
     assert stat.S_IMODE(spec.credentials_file.stat().st_mode) == 0o600
     assert oem_strings(spec.credentials_file.read_bytes()) == creds
     # and systemd-stub's extra kernel command line, for the slow boots of emulation
-    assert b"\0io.systemd.stub.kernel-cmdline-extra=systemd.default_device_timeout_sec=600\0" in \
+    assert b"\0io.systemd.stub.kernel-cmdline-extra=systemd.default_device_timeout_sec=600 " \
+           b"systemd.default_timeout_start_sec=600\0" in \
         spec.credentials_file.read_bytes()
     assert b"Address=10.77.0.31/24" in creds["network.network.10-cluster"]
     assert b"MACAddress=52:54:00:00:00:02" in creds["network.network.10-cluster"]

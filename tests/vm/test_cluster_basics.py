@@ -23,9 +23,11 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
     m = cluster[NODES[role]]
     m.wait_for_boot()  # raises with the failed units' journals if anything failed
     assert m.succeed("hostname").strip() == NODES[role]  # identity from the credential
-    # Under emulation the root disk may appear minutes into the boot: the guest waits 10
-    # minutes for it, not systemd's default 90 s (appliance/qemu.py EMULATION_CMDLINE).
+    # Under emulation the root disk may appear minutes into the boot, and a unit may take
+    # minutes to start: the guest waits 10 minutes for each, not systemd's default 90 s
+    # (appliance/qemu.py EMULATION_CMDLINE).
     assert m.succeed("systemctl show -P DefaultDeviceTimeoutUSec").strip() == "10min"
+    assert m.succeed("systemctl show -P DefaultTimeoutStartUSec").strip() == "10min"
     for unit in profiles.get(role).services.enable:
         if m.execute(f"systemctl is-enabled {unit}")[1].strip() == "masked":
             continue  # the test layer masks the backup timer: tests start each backup
