@@ -231,7 +231,10 @@ class Machine:
         state: dict[str, str] = {}
 
         def check(last: bool) -> bool:
-            out = self.succeed(f"systemctl show -P ActiveState {shlex.quote(unit)}").strip()
+            # (systemctl itself can fail for a moment while PID 1 reloads, which a booting
+            # node's units do: that is "not yet", not the unit failing)
+            rc, out = self.execute(f"systemctl show -P ActiveState {shlex.quote(unit)}")
+            out = out.strip() if rc == 0 else f"unknown (systemctl: {out.strip()[-200:]})"
             state["s"] = out
             if out == "failed":
                 raise AssertionError(f"{self.name}: unit {unit} failed\n" + self.journal(unit))
