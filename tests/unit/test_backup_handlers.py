@@ -16,19 +16,26 @@ OWN_SIG = "0123456789abcdef"
 SECRET = "the-primary's-eCryptfs-passphrase-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
-@pytest.fixture
-def node(tmp_path):
-    """store1, rebuilt, with its own (empty) store and a secret it must never give away;
-    its backup store2 has sent a store back and committed it."""
+def pair_state(tmp_path, identity: str):
+    """The handlers' library and a state directory of the pair store1 -> store2, as the
+    node `identity` ("NAME ROLE ADDRESS") sees it."""
     lib = tmp_path / "lib"
     lib.mkdir()
     for f in (LIB / "members.sh", STORE_LIB / "store.sh"):
         (lib / f.name).symlink_to(f)
     state = tmp_path / "state"
     state.mkdir()
-    (state / "identity").write_text("store1 mailstore 10.77.0.31\n")
+    (state / "identity").write_text(identity + "\n")
     (state / "members").write_text("node store1 mailstore 10.77.0.31 active\n"
                                    "node store2 mailstore 10.77.0.32 standby\nbackup store1 store2\n")
+    return lib, state
+
+
+@pytest.fixture
+def node(tmp_path):
+    """store1, rebuilt, with its own (empty) store and a secret it must never give away;
+    its backup store2 has sent a store back and committed it."""
+    lib, state = pair_state(tmp_path, "store1 mailstore 10.77.0.31")
     mail = tmp_path / "mail"
     (mail / "crypt").mkdir(parents=True)
     (mail / "crypt" / "own-mail").write_text("ciphertext")
@@ -246,15 +253,7 @@ def test_a_restore_that_does_not_fit_is_refused_before_the_store_is_touched(node
 def test_a_takeover_that_does_not_fit_changes_nothing(tmp_path):
     """store2 takes over store1: the newest snapshot does not fit beside what its disk
     holds. Said before anything stops, with what it needs; its own store stays."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for f in (LIB / "members.sh", STORE_LIB / "store.sh"):
-        (lib / f.name).symlink_to(f)
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "identity").write_text("store2 mailstore 10.77.0.32\n")
-    (state / "members").write_text("node store1 mailstore 10.77.0.31 active\n"
-                                   "node store2 mailstore 10.77.0.32 standby\nbackup store1 store2\n")
+    lib, state = pair_state(tmp_path, "store2 mailstore 10.77.0.32")
     mail = tmp_path / "mail"
     (mail / "crypt").mkdir(parents=True)
     (mail / "crypt" / "own").write_text("standby")
