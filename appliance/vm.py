@@ -31,6 +31,10 @@ from .wait import retry
 # sometimes beside image builds: a bound for a hang, not a performance target
 # (bench/boot_time.py measures those).
 BOOT_TIMEOUT = 900
+# A poll in a guest (the agent's bash, then systemctl or the command) costs a fair part
+# of a CPU-second under emulation, taken from the guest being waited on: long waits poll
+# every second at first, then at most every GUEST_POLL_MAX seconds.
+GUEST_POLL_MAX = 3.0
 
 
 class MachineError(Exception):
@@ -219,7 +223,7 @@ class Machine:
             return rc == 0
 
         try:
-            retry(check, timeout)
+            retry(check, timeout, max_interval=GUEST_POLL_MAX)
         except TimeoutError:
             raise AssertionError(f"{self.name}: never succeeded within {timeout:.0f} s: {cmd}\n"
                                  f"last output:\n{result.get('out', '')}") from None
@@ -241,7 +245,7 @@ class Machine:
             return out == "active"
 
         try:
-            retry(check, timeout)
+            retry(check, timeout, max_interval=GUEST_POLL_MAX)
         except TimeoutError:
             raise AssertionError(f"{self.name}: unit {unit} not active within {timeout:.0f} s "
                                  f"(state {state.get('s')})\n" + self.journal(unit) + self.stuck()) from None
