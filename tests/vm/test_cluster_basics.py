@@ -69,14 +69,3 @@ def test_wait_for_unit_fails_at_once_with_the_journal(cluster):
     assert "unit doomed.service failed" in str(exc.value)
     assert "doomed-by-design" in str(exc.value)  # the unit's journal is attached
 
-
-def test_crash_then_start_boots_the_same_disk(cluster):
-    m = cluster["filter1"]
-    m.succeed("echo survived > /var/lib/harness-token && sync")
-    boot_id = m.succeed("cat /proc/sys/kernel/random/boot_id")
-    m.crash()
-    assert not m.process.running
-    m.start()
-    m.wait_for_boot()
-    assert m.succeed("cat /var/lib/harness-token").strip() == "survived"
-    assert m.succeed("cat /proc/sys/kernel/random/boot_id") != boot_id

@@ -117,8 +117,13 @@ def test_relaying_and_unknown_recipients_are_refused(cluster):
 
 
 def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
+    """Also the harness's crash: power cut, then the same disk boots again (one filter
+    boot serves both; each costs minutes of CPU under emulation)."""
     victim = cluster["filter1"]
+    victim.succeed("echo survived > /var/lib/harness-token && sync")
+    boot_id = victim.succeed("cat /proc/sys/kernel/random/boot_id")
     victim.crash()
+    assert not victim.process.running
     try:
         burst = new_tokens(50)
         acked = send_in_sessions(cluster, burst, per_session=5)  # 10 connections over the balancer
@@ -130,6 +135,9 @@ def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
         victim.start()
     for unit in ("postfix.service", "rspamd.service"):
         victim.wait_for_unit(unit, timeout=600)
+    victim.wait_for_boot()  # raises with the failed units' journals if anything failed
+    assert victim.succeed("cat /var/lib/harness-token").strip() == "survived"
+    assert victim.succeed("cat /proc/sys/kernel/random/boot_id") != boot_id
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
     later = new_tokens(6)
     send_in_sessions(cluster, later, per_session=1)  # round robin spreads the sessions
