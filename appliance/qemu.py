@@ -212,6 +212,15 @@ def prepare(spec: VMSpec, fresh: bool = True) -> None:
         sock.unlink(missing_ok=True)
 
 
+def spawn_tied(cmd: list[str], **popen) -> subprocess.Popen:
+    """Start `cmd` in a session of its own (a terminal's Ctrl-C reaches the caller, which
+    powers guests off in order) that gets SIGTERM if the caller dies first: a test run
+    stopped by a time limit, or killed, leaves no guest running without an owner.
+    (The caller must stay alive in the thread that started it: the kernel ties the
+    signal to that thread.)"""
+    return subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *cmd], start_new_session=True, **popen)
+
+
 class QemuProcess:
     """A running QEMU; stopped by its own PID only.
 
@@ -232,7 +241,7 @@ class QemuProcess:
         (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         stdio = None if self.spec.interactive else subprocess.DEVNULL
         err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
-        self.proc = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=err, start_new_session=True)
+        self.proc = spawn_tied(cmd, stdin=stdio, stdout=stdio, stderr=err)
         self.started_at = time.monotonic()
 
     @property

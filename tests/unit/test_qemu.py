@@ -118,3 +118,35 @@ def test_every_guest_run_reports_the_cpu_time_it_cost(tmp_path):
     p.kill()
     assert not p.running and p.proc.returncode == -9
     assert len(runs) == 2 and runs[1][1] < 0.2 and runs[1][0] < 30, runs
+
+
+def test_a_guest_does_not_outlive_the_process_that_started_it():
+    """A run killed outright (a CI time limit, kill -9) runs no teardown: what it started
+    must stop by itself. The owner here is a real Python process using the launcher's
+    spawn; the guest stand-in is `sleep`."""
+    import os
+    import subprocess
+    import sys
+
+    from appliance.wait import retry
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom appliance.qemu import spawn_tied\n"
+         "print(spawn_tied(['sleep', '300']).pid, flush=True)\ntime.sleep(300)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    guest = int(owner.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert alive(guest)
+    owner.kill()
+    owner.wait()
+    try:
+        retry(lambda last: not alive(guest), timeout=10, interval=0.1)
+    except TimeoutError:
+        os.kill(guest, 9)
+        raise AssertionError("the guest stand-in kept running after its owner was killed") from None
