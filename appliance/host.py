@@ -122,8 +122,10 @@ NEEDS = [
     # --nodns none) from here; Lynis is copied into each guest (images never carry it).
     Need("testssl", "testssl.sh", backports=True),
     Need("lynis", "lynis"),
-    # The suite's static checks of the images' shell scripts.
+    # The suite's static checks of the images' shell scripts, and the host tests that
+    # run the images' backup and restore scripts (which copy with rsync).
     Need("shellcheck", "shellcheck"),
+    Need("rsync", "rsync"),
 ]
 
 

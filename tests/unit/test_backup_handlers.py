@@ -48,7 +48,17 @@ def node(tmp_path):
     secret = tmp_path / "credentials" / "mailcluster.mailstore-key"
     secret.parent.mkdir()
     secret.write_text(SECRET)
-    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail)}
+    # The mounted plaintext view of store1's own store: what a rebuilt node has before
+    # any mail, an index and Postfix's own files, but no message.
+    vmail = tmp_path / "vmail"
+    for f in ("mail/example.test/alice/sdbox/mailboxes/INBOX/dbox-Mails/dovecot.index.log",
+              "postfix/pid/master.pid", "postfix/public/pickup"):
+        (vmail / f).parent.mkdir(parents=True, exist_ok=True)
+        (vmail / f).write_text("x")
+    for d in ("maildrop", "incoming", "active", "deferred", "hold", "corrupt"):
+        (vmail / "postfix" / d).mkdir()
+    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail),
+           "MC_VMAIL": str(vmail)}
     return mail, secret, env
 
 
@@ -295,3 +305,49 @@ def test_only_the_newest_store_set_aside_is_kept(tmp_path):
     assert (aside / "crypt" / "current").read_text() == "x" and (aside / "key-signature").exists()
     assert sorted(p.name for p in mail.iterdir()) == sorted([aside.name, "replaced-link", "standby-20261101T000000Z"])
     assert r.stderr.count("deleted ") == 2 and "replaced-20261101T000000Z" in r.stderr, r.stderr
+
+
+# What a store holding mail has in its mounted view: a mailbox message (sdbox: u.UID),
+# or a message in Postfix's queue (deferred, hashed one level deep).
+MAIL_HELD = ["mail/example.test/alice/sdbox/mailboxes/INBOX/dbox-Mails/u.1", "postfix/deferred/4/4F2A81C3",
+             "postfix/incoming/4F2A81C4", "postfix/hold/4F2A81C5"]
+
+
+@pytest.mark.parametrize("held", MAIL_HELD)
+def test_a_store_that_holds_mail_is_never_replaced(node, tmp_path, held):
+    """Anyone with the pairing secret (on both nodes' ESPs) can send a store; a restore
+    is for a rebuilt node, and must never set aside one that holds mail."""
+    mail, _, env = node
+    (Path(env["MC_VMAIL"]) / held).parent.mkdir(parents=True, exist_ok=True)
+    (Path(env["MC_VMAIL"]) / held).write_text("a message")
+    calls = tmp_path / "calls"
+    r, status = apply(mail, {**env, **shim(tmp_path, systemctl=f"echo systemctl $* >>{calls}")})
+    assert r.returncode == 1
+    assert status.startswith("refused: store1's store holds mail, and a restore replaces only an empty store"), status
+    assert status.rstrip().endswith("Nothing changed")
+    assert untouched(mail) and not calls.exists()
+    assert sorted(p.name for p in mail.iterdir()) == ["crypt", "key-signature", "restore"]  # nothing set aside
+
+
+def test_a_store_that_is_not_mounted_is_not_replaced(node, tmp_path):
+    """Without the mounted view there is no telling whether the store holds mail."""
+    mail, _, env = node
+    calls = tmp_path / "calls"
+    r, status = apply(mail, {**env, "MC_VMAIL": str(tmp_path / "unmounted"),
+                             **shim(tmp_path, systemctl=f"echo systemctl $* >>{calls}")})
+    assert r.returncode == 1 and "mail store is not mounted" in status, status
+    assert untouched(mail) and not calls.exists()
+
+
+def test_a_rebuilt_nodes_empty_store_is_set_aside_and_replaced(node, tmp_path):
+    """The path a real restore takes, up to the services: an empty store (indexes and
+    Postfix's own files, no message) is set aside and the received one put in place.
+    (systemctl is a shim that fails here, so the restore ends at starting the services.)"""
+    mail, _, env = node
+    calls = tmp_path / "calls"
+    r, status = apply(mail, {**env, **shim(tmp_path, systemctl=f"echo systemctl $* >>{calls}; exit 1")})
+    assert status.startswith("failed: the restored store does not mount or serve"), (status, r.stderr)
+    assert (mail / "crypt" / "msg").read_text() == "ciphertext from the backup"
+    aside = [p for p in mail.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "crypt" / "own-mail").read_text() == "ciphertext"
+    assert calls.read_text().splitlines()[0] == "systemctl stop postfix.service dovecot.service mailcluster-mailcrypt.service"

@@ -2,8 +2,10 @@
 # takes its primary's store) and restore-apply (a rebuilt primary gets its store back).
 # shellcheck shell=bash
 
-# The mail data partition (a scratch directory in the host tests).
+# The mail data partition, and the plaintext view of the store mounted from it
+# (mailcluster-mailcrypt); scratch directories in the host tests.
 MAIL=${MC_MAIL:-/srv/mail}
+VMAIL=${MC_VMAIL:-/var/vmail}
 
 # What of /srv/mail is the store, as rsync filter rules: the eCryptfs ciphertext and the
 # key's signature, never the plaintext view (and nothing else on the partition).
@@ -36,6 +38,19 @@ room_for() {
 	((need + need / 20 < free)) && return 0
 	echo "not enough room on $MAIL for a copy of the store in $1: it needs $((need / 1024 + 1)) MiB, $((free / 1024)) MiB are free (stores set aside earlier are in $MAIL/standby-* and $MAIL/replaced-*)"
 	return 1
+}
+
+# mail_in_store: prints how many messages the mounted store holds: mailbox messages
+# (sdbox keeps each in a file u.UID; indexes and empty mailboxes are not mail) and
+# messages in Postfix's queue. Fails when the store is not mounted: nothing to count.
+mail_in_store() {
+	local q=$VMAIL/postfix
+	[[ -d $VMAIL/mail && -d $q ]] || return 1
+	{
+		find "$VMAIL/mail" -type f -name 'u.*'
+		find "$q" -type f \( -path "$q/maildrop/*" -o -path "$q/incoming/*" -o -path "$q/active/*" \
+			-o -path "$q/deferred/*" -o -path "$q/hold/*" -o -path "$q/corrupt/*" \)
+	} | wc -l
 }
 
 # install_store DIR: DIR's crypt/ and key-signature, as mcbackup received them, become
