@@ -31,7 +31,7 @@ OWN_UNITS = {
     "frontend": ["mailcluster-announce.service", "mailcluster-members.service"],
     "filter": ["mailcluster-announce.service", "mailcluster-members.service", "mailcluster-requeue.service"],
     "mailstore": ["mailcluster-announce.service", "mailcluster-members.service", "mailcluster-backup.service",
-                  "mailcluster-mailcrypt.service"],
+                  "mailcluster-mailcrypt.service", "mailcluster-restore.service"],
 }
 
 
