@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ApplianceError
-from .wait import retry
+from .wait import Timeout, retry
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -314,21 +314,16 @@ class QemuProcess:
 
 def wait_for_banner(port: int, prefix: bytes, timeout: float, host: str = "127.0.0.1") -> bytes:
     """A forwarded port accepts before the guest listens: wait for the protocol's greeting."""
-    seen: dict[str, object] = {}
-
-    def greeted(last: bool) -> bool:
+    def greeting(last: bool) -> bytes | OSError:
         try:
             with socket.create_connection((host, port), timeout=5) as s:
                 s.settimeout(10)
-                seen["data"] = s.recv(512)
+                return s.recv(512)
         except OSError as e:
-            seen["error"] = e
-            return False
-        return seen["data"].startswith(prefix)
+            return e
 
     try:
-        retry(greeted, timeout)
-    except TimeoutError:
+        return retry(greeting, timeout, until=lambda r: isinstance(r, bytes) and r.startswith(prefix))
+    except Timeout as e:
         raise TimeoutError(f"no {prefix!r} greeting on {host}:{port} within {timeout:.0f} s "
-                           f"(last: {seen.get('data', seen.get('error'))!r})") from None
-    return seen["data"]
+                           f"(last: {e.last!r})") from None

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from . import qemu
 from .credentials import Secrets, node_credentials
 from .site import Node, Site
-from .wait import retry
+from .wait import Timeout, retry
 
 
 # How long a guest may take to boot before the harness gives up and reports it. Under
@@ -215,40 +215,31 @@ class Machine:
 
     def wait_until_succeeds(self, cmd: str, timeout: float = 120) -> str:
         __tracebackhide__ = True
-        result: dict[str, str] = {}
-
-        def check(last: bool) -> bool:
-            rc, out = self.execute(cmd, timeout=max(10, timeout))
-            result["out"] = out
-            return rc == 0
-
         try:
-            retry(check, timeout, max_interval=GUEST_POLL_MAX)
-        except TimeoutError:
+            _, out = retry(lambda last: self.execute(cmd, timeout=max(10, timeout)), timeout,
+                           max_interval=GUEST_POLL_MAX, until=lambda r: r[0] == 0)
+        except Timeout as e:
             raise AssertionError(f"{self.name}: never succeeded within {timeout:.0f} s: {cmd}\n"
-                                 f"last output:\n{result.get('out', '')}") from None
-        return result["out"]
+                                 f"last output:\n{e.last[1]}") from None
+        return out
 
     def wait_for_unit(self, unit: str, timeout: float = 180) -> None:
         """Wait until `unit` is active; fail at once, with its journal, if it fails."""
         __tracebackhide__ = True
-        state: dict[str, str] = {}
-
-        def check(last: bool) -> bool:
+        def state(last: bool) -> str:
             # (systemctl itself can fail for a moment while PID 1 reloads, which a booting
             # node's units do: that is "not yet", not the unit failing)
             rc, out = self.execute(f"systemctl show -P ActiveState {shlex.quote(unit)}")
             out = out.strip() if rc == 0 else f"unknown (systemctl: {out.strip()[-200:]})"
-            state["s"] = out
             if out == "failed":
                 raise AssertionError(f"{self.name}: unit {unit} failed\n" + self.journal(unit))
-            return out == "active"
+            return out
 
         try:
-            retry(check, timeout, max_interval=GUEST_POLL_MAX)
-        except TimeoutError:
+            retry(state, timeout, max_interval=GUEST_POLL_MAX, until=lambda s: s == "active")
+        except Timeout as e:
             raise AssertionError(f"{self.name}: unit {unit} not active within {timeout:.0f} s "
-                                 f"(state {state.get('s')})\n" + self.journal(unit) + self.stuck()) from None
+                                 f"(state {e.last})\n" + self.journal(unit) + self.stuck()) from None
 
     def wait_for_open_port(self, port: int, timeout: float = 120) -> None:
         __tracebackhide__ = True
@@ -257,15 +248,15 @@ class Machine:
     def wait_for_boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """multi-user.target reached (or a clear report of what failed on the way)."""
         __tracebackhide__ = True
-        rc_out: dict[str, str] = {}
+        def state(last: bool) -> str:
+            return self.execute("systemctl is-system-running --wait", timeout=timeout)[1].strip()
 
-        def check(last: bool) -> bool:
-            rc, out = self.execute("systemctl is-system-running --wait", timeout=timeout)
-            rc_out["out"] = out.strip()
-            return out.strip() in ("running", "degraded")
-
-        retry(check, timeout, interval=2)
-        if rc_out["out"] == "degraded":
+        try:
+            reached = retry(state, timeout, interval=2, until=lambda s: s in ("running", "degraded"))
+        except Timeout as e:
+            raise AssertionError(f"{self.name}: not booted within {timeout:.0f} s "
+                                 f"(is-system-running: {e.last})" + self.stuck()) from None
+        if reached == "degraded":
             failed = self.succeed("systemctl --failed --no-legend --plain")
             raise AssertionError(f"{self.name}: booted degraded; failed units:\n{failed}\n"
                                  + "\n".join(self.journal(u.split()[0]) for u in failed.splitlines() if u.strip()))

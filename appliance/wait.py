@@ -2,22 +2,35 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 
-def retry(fn: Callable[[bool], bool], timeout: float, interval: float = 1.0,
-          max_interval: float | None = None) -> None:
-    """Call fn(last_try) until it returns True; the last try may gather diagnostics.
-    With `max_interval`, the pause grows by half after each try, up to that.
+class Timeout(TimeoutError):
+    """The condition still unmet at the deadline; `last` is what the last try returned,
+    for the caller's report."""
 
-    Raises TimeoutError when the condition is still false at the deadline."""
+    def __init__(self, timeout: float, last: Any):
+        super().__init__(f"condition not met within {timeout:.0f} s")
+        self.last = last
+
+
+def retry(fn: Callable[[bool], T], timeout: float, interval: float = 1.0,
+          max_interval: float | None = None, until: Callable[[T], Any] = bool) -> T:
+    """Call fn(last_try) until until(result) holds; returns that result. The last try is
+    told so, and may gather diagnostics. With `max_interval`, the pause grows by half
+    after each try, up to that.
+
+    Raises Timeout (a TimeoutError) carrying the last result when the deadline passes."""
     deadline = time.monotonic() + timeout
     while True:
         last = time.monotonic() + interval >= deadline
-        if fn(last):
-            return
+        result = fn(last)
+        if until(result):
+            return result
         if last:
-            raise TimeoutError(f"condition not met within {timeout:.0f} s")
+            raise Timeout(timeout, result)
         time.sleep(interval)
         if max_interval is not None:
             interval = min(interval * 1.5, max_interval)

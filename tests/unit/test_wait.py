@@ -31,3 +31,18 @@ def test_without_a_maximum_the_pause_stays_fixed(clock):
     n = iter(range(100))
     wait.retry(lambda last: next(n) == 4, timeout=60, interval=2)
     assert clock["sleeps"] == [2, 2, 2, 2]
+
+
+def test_the_value_that_met_the_condition_is_returned(clock):
+    n = iter(range(100))
+    assert wait.retry(lambda last: next(n), timeout=60) == 1  # the first true value
+    assert wait.retry(lambda last: (0, "") if clock["now"] > 3 else (1, "busy"), timeout=60,
+                      until=lambda r: r[0] == 0) == (0, "")
+
+
+def test_a_timeout_carries_what_the_last_try_returned(clock):
+    n = iter(range(100))
+    with pytest.raises(wait.Timeout) as e:
+        wait.retry(lambda last: ("last" if last else "not yet", next(n)), timeout=5, until=lambda r: r[1] < 0)
+    assert e.value.last[0] == "last" and e.value.last[1] == len(clock["sleeps"])
+    assert isinstance(e.value, TimeoutError)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from appliance.vm import Machine
-from appliance.wait import retry
+from appliance.wait import Timeout, retry
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 
@@ -174,18 +174,13 @@ def backend_status(c, backend: str = "filters_25") -> dict[str, str]:
             if r["pxname"] == backend and r["svname"] not in ("FRONTEND", "BACKEND")}
 
 
-def wait_backends(c, wanted: dict[str, str], timeout: float = 120, backend: str = "filters_25") -> None:
-    seen: dict[str, str] = {}
-
-    def check(last: bool) -> bool:
-        seen.clear()
-        seen.update(backend_status(c, backend))
-        ok = all(seen.get(k) == v for k, v in wanted.items())
-        if last and not ok:
-            raise AssertionError(f"HAProxy reports {seen} in {backend}, expected {wanted}")
-        return ok
-
-    retry(check, timeout=timeout, interval=2)
+def wait_backends(c, wanted: dict[str, str], timeout: float = 120, backend: str = "filters_25") -> dict[str, str]:
+    """Until HAProxy reports each server of `wanted` in its state; returns what it reported."""
+    try:
+        return retry(lambda last: backend_status(c, backend), timeout=timeout, interval=2,
+                     until=lambda seen: all(seen.get(k) == v for k, v in wanted.items()))
+    except Timeout as e:
+        raise AssertionError(f"HAProxy reports {e.last} in {backend}, expected {wanted}") from None
 
 
 def message(rcpt: str, token: str, extra: str = "") -> str:
@@ -195,13 +190,20 @@ def message(rcpt: str, token: str, extra: str = "") -> str:
 
 
 def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org") -> list[str]:
-    """One SMTP session from the host to the frontend's port 25; returns the tokens that
-    were acknowledged with 250."""
+    """One SMTP session from the host to the frontend's port 25; returns the tokens whose
+    message the server answered with 250 after DATA (a refused one is left out)."""
     acked = []
     with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname=helo, timeout=180) as s:
+        s.ehlo()
         for rcpt, token in messages:
-            s.sendmail("sender@example.org", [rcpt], message(rcpt, token))
-            acked.append(token)
+            replies = [s.mail("sender@example.org"), s.rcpt(rcpt)]
+            if [code for code, _ in replies] == [250, 250]:
+                replies.append(s.data(message(rcpt, token).encode("ascii")))
+            if replies[-1][0] == 250 and len(replies) == 3:
+                acked.append(token)
+            else:
+                print(f"{token} not taken: the server answered {replies}")  # (shown with a failure)
+                s.rset()
     return acked
 
 
@@ -218,17 +220,14 @@ def mailbox_tokens(c, store: str = "store1") -> list[str]:
 
 def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300, store: str = "store1") -> list[str]:
     """Poll `store`'s mailboxes until every token is there; returns everything found."""
-    found: list[str] = []
-
-    def check(last: bool) -> bool:
-        found[:] = mailbox_tokens(c, store)
-        missing = set(tokens) - set(found)
+    def found(last: bool) -> list[str]:
+        tokens_now = mailbox_tokens(c, store)
+        missing = set(tokens) - set(tokens_now)
         if last and missing:
             filters = [n for n, m in c.machines.items() if m.spec.image == c.images["filter"] and m.process.running]
             queues = "\n".join(f"{n}: " + c[n].execute("postqueue -p | tail -15")[1] for n in filters)
             raise AssertionError(f"{len(missing)} of {len(tokens)} messages never reached {store}'s mailboxes;"
                                  f" filter queues:\n{queues}")
-        return not missing
+        return tokens_now
 
-    retry(check, timeout=timeout, interval=5)
-    return found
+    return retry(found, timeout=timeout, interval=5, until=lambda now: set(tokens) <= set(now))

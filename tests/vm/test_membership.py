@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.wait import retry
+from appliance.wait import Timeout, retry
 from tests.conftest import _live
 from tests.vm.mail import (backend_status, new_tokens, send_in_sessions, wait_backends, wait_in_mailboxes,
                            wait_mail_up)
@@ -148,17 +148,11 @@ def test_a_node_removed_from_the_site_is_forgotten_everywhere(cluster, site):
     assert "filter3" not in cluster["fe1"].succeed("cat /etc/haproxy/haproxy.cfg")
     # `systemctl reload haproxy` returns once the master is signalled; the new worker
     # takes over a few seconds later.
-    seen: set[str] = set()
-
-    def only_the_members_left(last: bool) -> bool:
-        seen.clear()
-        seen.update(backend_status(cluster))
-        return seen == {"filter1", "filter2"}
-
     try:
-        retry(only_the_members_left, timeout=120, interval=2)
-    except TimeoutError:
-        raise AssertionError(f"HAProxy still balances over {sorted(seen)}") from None
+        retry(lambda last: set(backend_status(cluster)), timeout=120, interval=2,
+              until=lambda seen: seen == {"filter1", "filter2"})
+    except Timeout as e:
+        raise AssertionError(f"HAProxy still balances over {sorted(e.last)}") from None
     # What is left still carries mail.
     batch = new_tokens(2)
     send_in_sessions(cluster, batch, per_session=1)
