@@ -142,6 +142,9 @@ def test_a_guest_does_not_outlive_the_process_that_started_it():
         except FileNotFoundError:
             return False
 
+    # setpriv arms the signal and then becomes the guest: kill the owner only after that
+    # (a kill in between is a window of microseconds that a loaded host widens).
+    retry(lambda last: Path(f"/proc/{guest}/comm").read_text().strip() == "sleep", timeout=10, interval=0.05)
     assert alive(guest)
     owner.kill()
     owner.wait()
