@@ -295,7 +295,6 @@ def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool,
     and compared with the image's checksums; then the node's credentials go onto the
     ESP, so the machine boots as NODE."""
     from . import flash as fl
-    from .credentials import Secrets, node_credentials
 
     site = obj.site
     node = site.node(node_name)

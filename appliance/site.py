@@ -6,7 +6,6 @@ was expected. Unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import shutil

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from appliance import flash
 from tests.tools import ROOT, digest, loop_device

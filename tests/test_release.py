@@ -170,7 +170,7 @@ def test_flash_to_a_file_is_the_image_plus_sealed_credentials(tmp_path, image):
     r = build_py("flash", str(image), "--device", str(target), "--node", NODE, "--to-file", "--yes",
                  env={"MAILCLUSTER_SECRETS": str(tmp_path / "secrets")})
     assert r.returncode == 0, r.stderr
-    assert f"written and verified" in r.stdout
+    assert "written and verified" in r.stdout
     assert flash.esp_credentials(target) == ["mailcluster.cluster-cert", "mailcluster.cluster-key", "mailcluster.node",
                                              "mailcluster.node-ca", "mailcluster.peers",
                                              "network.network.10-cluster", "system.hostname"]

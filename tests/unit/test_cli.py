@@ -1,7 +1,6 @@
 """The CLI: one line per command in --help, clear messages and distinct exit codes."""
 import base64
 import os
-import re
 import stat
 import struct
 

@@ -1,6 +1,8 @@
-"""Static checks are tests: shellcheck over every shell script the images carry."""
+"""Static checks are tests: shellcheck over every shell script the images carry, ruff over
+the Python (its rules are in pyproject.toml)."""
 import re
 import subprocess
+import sys
 
 from appliance import paths
 from appliance.host import HOST_PATH
@@ -26,4 +28,11 @@ def test_every_overlay_script_passes_shellcheck():
     libs = ":".join(str(d) for d in sorted({p.parent for p in paths.OVERLAYS.rglob("*.sh")}))
     r = subprocess.run(["shellcheck", "-x", "-P", libs, "--severity=warning", *scripts],
                        capture_output=True, text=True, env={"PATH": HOST_PATH})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_python_passes_ruff():
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                        "appliance", "tests", "bench", "build.py"],
+                       cwd=paths.ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

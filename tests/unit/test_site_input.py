@@ -1,10 +1,8 @@
 """Every site value that reaches a file has a strict grammar; a bad site file gets one
 clear error naming the file and the key (or the byte offset), never a traceback."""
 import os
-import subprocess
 
 import pytest
-import yaml
 
 from appliance import paths
 from appliance.errors import ConfigError
@@ -167,8 +165,6 @@ def test_check_lists_every_problem_offline(tmp_path):
 
 
 def test_time_servers_reach_timesyncd_and_bad_ones_are_refused(tmp_path):
-    from appliance.profiles import ProfileSet
-    from appliance.render import render
     p = write_site(tmp_path, lambda d: d.update(time={"servers": ["ntp.example.test", "192.0.2.123"]}))
     ps = ProfileSet.load()
     out = render(load_site(p, ROLES), "filter", ps.compose("filter"), ps.overlay_dir, tmp_path / "b",
