@@ -9,6 +9,7 @@ image in the store is never written to.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import os
@@ -283,9 +284,17 @@ class QemuProcess:
                 raise ApplianceError(f"{self.spec.name}: QMP {command} failed: {reply['error']}")
             return reply["return"]
 
-    def wait_exit(self, timeout: float) -> bool:
+    def wait_exit(self, timeout: float | None) -> bool:
+        """True once QEMU has exited; False if it still runs after `timeout` seconds
+        (None: for as long as it runs, as `./build.py run` does)."""
         if self.proc is None:
             return True
+        if timeout is None:
+            # Blocks until it exits but leaves it unreaped (WNOWAIT): _reaped reaps it and
+            # reports its cost.
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            return self._reaped()
         try:
             retry(lambda last: self._reaped(), timeout, interval=0.2)
             return True

@@ -120,6 +120,21 @@ def test_every_guest_run_reports_the_cpu_time_it_cost(tmp_path):
     assert len(runs) == 2 and runs[1][1] < 0.2 and runs[1][0] < 30, runs
 
 
+def test_an_interactive_run_waits_for_its_guest_without_a_deadline(tmp_path):
+    """`./build.py run` waits with no timeout for as long as the guest runs (it crashed
+    with a TypeError on None once the wait became a bounded poll)."""
+    import subprocess
+    import time
+
+    runs = []
+    p = qemu.QemuProcess(qemu.VMSpec(name="a", image=Path("/img.raw"), state_dir=tmp_path),
+                         on_exit=lambda wall, cpu: runs.append((wall, cpu)))
+    p.proc = subprocess.Popen(["sleep", "0.5"])
+    p.started_at = time.monotonic()
+    assert p.wait_exit(timeout=None) and not p.running and p.proc.returncode == 0
+    assert len(runs) == 1 and runs[0][0] >= 0.45, runs
+
+
 def test_a_guest_does_not_outlive_the_process_that_started_it():
     """A run killed outright (a CI time limit, kill -9) runs no teardown: what it started
     must stop by itself. The owner here is a real Python process using the launcher's
