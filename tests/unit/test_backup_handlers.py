@@ -118,7 +118,7 @@ def test_links_and_special_files_in_the_received_store_are_refused(node, plant):
     assert untouched(mail)
 
 
-def receive(tmp_path, kind, peer, request):
+def receive(tmp_path, kind, peer, request, extra_env=None):
     """backup-receive as sshd runs it, with an rsync on PATH that records its arguments."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
@@ -129,7 +129,8 @@ def receive(tmp_path, kind, peer, request):
     mail = tmp_path / "mail"
     (mail / "backups" / peer).mkdir(parents=True, exist_ok=True)
     (mail / "restore").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MC_MAIL": str(mail), "SSH_ORIGINAL_COMMAND": request}
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MC_MAIL": str(mail), "SSH_ORIGINAL_COMMAND": request,
+           **(extra_env or {})}
     r = subprocess.run(["bash", str(LIBEXEC / "backup-receive"), kind, peer], env=env, capture_output=True, text=True)
     args = tmp_path / "rsync-args"
     return r, args.read_text().split() if args.exists() else None
@@ -351,3 +352,82 @@ def test_a_rebuilt_nodes_empty_store_is_set_aside_and_replaced(node, tmp_path):
     aside = [p for p in mail.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "crypt" / "own-mail").read_text() == "ciphertext"
     assert calls.read_text().splitlines()[0] == "systemctl stop postfix.service dovecot.service mailcluster-mailcrypt.service"
+
+
+# ---- one account per primary on the backup --------------------------------------------
+def keys_for(tmp_path, account: str) -> list[str]:
+    """sshd's AuthorizedKeysCommand (backup-keys) for `account` on backup_node's node: the
+    lines it admits."""
+    env = {**os.environ, "MC_LIB": str(tmp_path / "lib"), "MC_STATE": str(tmp_path / "state"),
+           "MC_RUN": str(tmp_path / "run")}
+    r = subprocess.run(["bash", str(LIBEXEC / "backup-keys"), account], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def ed25519(n: int) -> str:
+    return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI" + f"{n:043d}"
+
+
+def backup_node(tmp_path):
+    """store2, keeping backups of store1 and store3; store2's own backup is store1."""
+    pair_state(tmp_path, "store2 mailstore 10.77.0.32")
+    run, state = tmp_path / "run", tmp_path / "state"
+    for d in ("pairing", "restore-keys"):
+        (run / d).mkdir(parents=True)
+    (run / "pairing" / "store1.pub").write_text(ed25519(1) + " mailcluster-pairing store1\n")
+    (run / "pairing" / "store3.pub").write_text(ed25519(3) + " mailcluster-pairing store3\n")
+    (run / "restore-keys" / "store1.pub").write_text(ed25519(21) + " mailcluster-pairing store2\n")
+    for p, n in (("store1", 11), ("store3", 13)):
+        (state / "paired" / p).mkdir(parents=True)
+        (state / "paired" / p / "key.pub").write_text(f"{ed25519(n)} {p}\n")
+    return run, state
+
+
+def test_each_primarys_account_admits_that_primarys_keys_only(tmp_path):
+    backup_node(tmp_path)
+    command = 'restrict,command="/usr/libexec/mailcluster/backup-receive'
+    assert keys_for(tmp_path, "mcb-store1") == [f'{command} pair store1" {ed25519(1)}',
+                                                f'{command} store store1" {ed25519(11)}']
+    assert keys_for(tmp_path, "mcb-store3") == [f'{command} pair store3" {ed25519(3)}',
+                                                f'{command} store store3" {ed25519(13)}']
+    # mcbackup only takes this node's own store back from its backup.
+    assert keys_for(tmp_path, "mcbackup") == [f'{command} restore store1" {ed25519(21)}']
+    for account in ("mcb-store9", "mcb-../store1", "mcb-", "root", "mcjoin"):
+        assert keys_for(tmp_path, account) == [], account
+
+
+@pytest.mark.parametrize("plant", ["options", "second-line", "symlink", "directory", "rsa"])
+def test_a_registered_key_is_passed_on_only_as_one_checked_key(tmp_path, plant):
+    """A primary writes its own registered key file (as its account): whatever it puts
+    there, sshd gets at most that one ed25519 key, bound to that primary's command."""
+    _, state = backup_node(tmp_path)
+    key = state / "paired" / "store1" / "key.pub"
+    key.unlink()
+    if plant == "options":
+        key.write_text(f'command="/bin/sh" {ed25519(11)}\n')
+    elif plant == "second-line":
+        key.write_text(f"{ed25519(11)} store1\nrestrict,command=\"/usr/libexec/mailcluster/backup-receive store store3\" "
+                       f"{ed25519(13)}\n")
+    elif plant == "symlink":
+        key.symlink_to(state / "paired" / "store3" / "key.pub")
+    elif plant == "directory":
+        key.mkdir()
+    else:
+        key.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ store1\n")
+    lines = keys_for(tmp_path, "mcb-store1")
+    assert lines == [f'restrict,command="/usr/libexec/mailcluster/backup-receive pair store1" {ed25519(1)}'], lines
+
+
+def test_pairing_registers_the_key_in_that_primarys_own_directory(tmp_path):
+    _, state = backup_node(tmp_path)
+    (state / "paired" / "store1" / "key.pub").unlink()
+    env = {"MC_STATE": str(state)}
+    r, _ = receive(tmp_path, "pair", "store1", f"pair {ed25519(42)} mailcluster-backup store1", env)
+    assert r.returncode == 0, r.stderr
+    assert (state / "paired" / "store1" / "key.pub").read_text() == f"{ed25519(42)} store1\n"
+    assert (state / "paired" / "store3" / "key.pub").read_text() == f"{ed25519(13)} store3\n"
+    # A primary whose directory backup-pair never made (no account of its own) registers nothing.
+    r, _ = receive(tmp_path, "pair", "store9", f"pair {ed25519(43)}", env)
+    assert r.returncode == 1 and "cannot register the key" in r.stderr
+    assert not (state / "paired" / "store9").exists()

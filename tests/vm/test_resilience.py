@@ -63,7 +63,10 @@ def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
     rc, _ = store1.execute("systemctl start mailcluster-backup.service")
     assert rc != 0, "a backup ran without a pairing"
     assert "not paired with backup store2" in store1.journal("mailcluster-backup.service")
-    assert store2.succeed("find /srv/mail/backups -mindepth 1 | wc -l").strip() == "0", "something reached the backup"
+    # (store2 makes store1's account and its two empty directories when it boots)
+    store2.wait_until_succeeds("test -d /var/lib/mailcluster/paired/store1 && id mcb-store1", timeout=300)
+    reached = store2.succeed("find /srv/mail/backups/store1 /var/lib/mailcluster/paired/store1 -mindepth 1")
+    assert reached == "", f"something reached the backup: {reached}"
 
 
 def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, delivered_twice):
@@ -87,6 +90,13 @@ def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, de
     assert counts.get("copied", 0) == 0 and counts.get("linked", 0) >= 100, counts
     # ciphertext only: names are eCryptfs-encrypted, and no file holds a message token
     assert store2.succeed(f"ls {a}/crypt | grep -cv '^ECRYPTFS_FNEK_ENCRYPTED' || true").strip() == "0"
+
+    with subtest("store1's snapshots belong to an account of its own, which can write nowhere else"):
+        owners = store2.succeed(f"stat -c %U {SNAPSHOTS} {b}/crypt /var/lib/mailcluster/paired/store1/key.pub")
+        assert owners.split() == ["mcb-store1"] * 3, owners
+        for attempt in ("ls /srv/mail/backups", "touch /srv/mail/backups/planted",
+                        "touch /var/lib/mailcluster/paired/planted", "touch /srv/mail/restore/planted"):
+            store2.fail(f"runuser -u mcb-store1 -- {attempt}")
 
 
 @pytest.fixture(scope="module")

@@ -53,9 +53,9 @@ mail_in_store() {
 	} | wc -l
 }
 
-# install_store DIR: DIR's crypt/ and key-signature, as mcbackup received them, become
+# install_store DIR: DIR's crypt/ and key-signature, as a backup account received them, become
 # this node's store. A copy, not hard links: Dovecot updates index files in place, and
-# DIR stays as it was. Owners and modes come back from the xattrs that mcbackup kept
+# DIR stays as it was. Owners and modes come back from the xattrs that account kept
 # them in (--fake-super).
 install_store() {
 	rsync -a --numeric-ids --fake-super -M--super "$1/crypt/" "$MAIL/crypt/" &&
