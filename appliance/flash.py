@@ -56,11 +56,17 @@ def load_bmap(path: Path) -> Bmap:
         root = ET.parse(path).getroot()
         if root.findtext("ChecksumType", "").strip() != "sha256":
             raise ValueError("only sha256 bmap files are supported")
+        block_map = root.find("BlockMap")
+        if block_map is None:
+            raise ValueError("no BlockMap")
         ranges = []
-        for r in root.find("BlockMap"):
-            first, _, last = r.text.strip().partition("-")
-            ranges.append((int(first), int(last or first), r.get("chksum")))
-        return Bmap(int(root.findtext("ImageSize")), int(root.findtext("BlockSize")), tuple(ranges))
+        for r in block_map:
+            first, _, last = (r.text or "").strip().partition("-")
+            sha = r.get("chksum")
+            if sha is None:
+                raise ValueError(f"range {r.text!r} has no chksum")
+            ranges.append((int(first), int(last or first), sha))
+        return Bmap(int(root.findtext("ImageSize", "")), int(root.findtext("BlockSize", "")), tuple(ranges))
     except (ET.ParseError, ValueError, TypeError, AttributeError) as e:
         raise FlashError(f"{path}: not a usable bmap file ({e})",
                          hint="delete it; flash and publish make a new one with bmaptool") from None
@@ -137,6 +143,7 @@ class Target:
         (a device node or a symlink swapped while the operator was asked)."""
         if self.fd is None:
             return
+        assert self.rdev is not None   # set with fd (_check_block)
         try:
             now = os.stat(self.path).st_rdev
         except OSError as e:
