@@ -6,6 +6,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -126,7 +127,7 @@ def dns(obj: Context, topology: str | None) -> None:
 @click.option("--output", type=click.Path(path_type=Path), required=True,
               help="The file (smbios) or directory (files) to create, readable by you only.")
 @click.pass_obj
-def credentials(obj: Context, node: str, fmt: str, output: Path | None) -> None:
+def credentials(obj: Context, node: str, fmt: str, output: Path) -> None:
     """Everything that makes NODE itself (identity, peers, keys) as systemd credentials.
 
     The image of a role is the same for all its nodes; these credentials, delivered at
@@ -190,7 +191,7 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
     builder = Builder(obj.profiles, obj.site, log=echo)
     builddir, digest = builder.render(role, tuple(layers))
     composed = obj.profiles.compose(role, list(layers))
-    doc = {
+    doc: dict[str, Any] = {
         "role": role,
         "site": obj.site.name,
         "input_hash": digest,
@@ -374,7 +375,7 @@ def publish(obj: Context, to: str, sign_key: str, roles: tuple[str, ...], layers
             raise ApplianceError(f"{image}: not built", hint=f"run ./build.py build {role}" +
                                  "".join(f" --layer {l}" for l in layers))
         images[role] = image
-    index, releases = registry.publish(ref, images, sign_key, version or ref.tag, log=echo)
+    index, releases = registry.publish(ref, images, sign_key, version, log=echo)
     for r in releases:
         click.echo(f"{r.role}: {ref.registry}/{ref.repository}@{r.digest}")
         for name, digest in r.files.items():
@@ -397,7 +398,7 @@ def pull(obj: Context, reference: str, trust: Path, roles: tuple[str, ...], outp
     from . import registry
 
     ref = registry.Ref.parse(reference)
-    out = output or paths.IMAGES / "pulled" / (ref.tag or ref.digest.replace(":", "-"))
+    out = output or paths.IMAGES / "pulled" / (ref.tag or ref.reference.replace(":", "-"))
     for role in roles or obj.site.roles:
         raw = registry.pull(ref, role, trust, out / role, log=echo, allow_older=allow_older)
         click.echo(f"{raw}  (verified: digests, signature, SHA256SUMS)")

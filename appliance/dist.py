@@ -60,7 +60,10 @@ def _requirements(name: str, seen: set[str]) -> None:
 
 def dependencies() -> list[str]:
     text = (paths.ROOT / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
+    m = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M)
+    if m is None:
+        raise ApplianceError(f"{paths.ROOT / 'pyproject.toml'}: no dependencies = [...] list")
+    block = m.group(1)
     seen: set[str] = set()
     for req in re.findall(r'"([^"]+)"', block):
         _requirements(re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0], seen)
@@ -75,7 +78,7 @@ def _copy_distribution(name: str, vendor: Path) -> None:
     for f in dist.files or []:
         if f.parts[0].startswith("..") or "__pycache__" in f.parts or f.suffix == ".pyc":
             continue
-        src = Path(dist.locate_file(f))
+        src = Path(str(dist.locate_file(f)))
         if src.is_file():
             dst = vendor / f
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ later scalars win) and systemd (one preset file per layer).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -153,7 +154,7 @@ class ProfileSet:
         out.append(prof)
         return out
 
-    def compose(self, role: str, extra: list[str] = ()) -> list[Profile]:
+    def compose(self, role: str, extra: Sequence[str] = ()) -> list[Profile]:
         """Layers for an image: the role's chain, then any extra layers (e.g. `test`)."""
         if self.get(role).kind != "role":
             raise ConfigError(f"{role!r} is a layer, not a role", hint=f"roles: {', '.join(self.roles)}")

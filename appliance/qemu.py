@@ -332,7 +332,9 @@ def wait_for_banner(port: int, prefix: bytes, timeout: float, host: str = "127.0
             return e
 
     try:
-        return retry(greeting, timeout, until=lambda r: isinstance(r, bytes) and r.startswith(prefix))
+        banner = retry(greeting, timeout, until=lambda r: isinstance(r, bytes) and r.startswith(prefix))
     except Timeout as e:
         raise TimeoutError(f"no {prefix!r} greeting on {host}:{port} within {timeout:.0f} s "
                            f"(last: {e.last!r})") from None
+    assert isinstance(banner, bytes)   # what `until` accepted
+    return banner

@@ -85,7 +85,9 @@ class Ref:
 
     @property
     def reference(self) -> str:
-        return self.digest or self.tag
+        ref = self.digest or self.tag
+        assert ref is not None   # parse() refuses a reference with neither
+        return ref
 
     @property
     def base(self) -> str:
@@ -369,11 +371,13 @@ def debian_snapshot(info: dict) -> str:
     return "; ".join(f"{suite} as published {v['date']}" for suite, v in sorted(suites.items()))
 
 
-def publish(ref: Ref, images: dict[str, Path], key: str, version: str,
+def publish(ref: Ref, images: dict[str, Path], key: str, version: str | None,
             log: Callable[[str], None], push_blob=None) -> tuple[str, list[Release]]:
-    """Push every role's release, then the index under the tag. Returns the index digest."""
+    """Push every role's release, then the index under the tag. Returns the index digest.
+    The version in the annotations defaults to the tag."""
     if not ref.tag or ref.digest:
         raise RegistryError(f"{ref}: publish needs a tag (REGISTRY/REPO:TAG)")
+    version = version or ref.tag
     client = Client(ref)
     client.request("GET", f"{ref.base}/v2/", ok=(200,))   # reachable and logged in, before any work
     push_blob = push_blob or client.push_blob
@@ -431,10 +435,10 @@ def _gpgv(sums: Path, sig: Path, trust: Path) -> str:
         keyring = Path(tmp) / "trusted.gpg"
         data = trust.read_bytes()
         if b"-----BEGIN PGP" in data:
-            r = subprocess.run(["gpg", "--dearmor"], input=data, capture_output=True)
-            if r.returncode != 0:
+            dearmored = subprocess.run(["gpg", "--dearmor"], input=data, capture_output=True)
+            if dearmored.returncode != 0:
                 raise RegistryError(f"{trust}: not an OpenPGP public key file")
-            data = r.stdout
+            data = dearmored.stdout
         keyring.write_bytes(data)
         r = subprocess.run(["gpgv", "--keyring", str(keyring), str(sig), str(sums)], capture_output=True, text=True,
                            env={**os.environ, "PATH": HOST_PATH})

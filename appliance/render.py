@@ -21,7 +21,7 @@ import jinja2
 
 from . import archive
 from .errors import ConfigError
-from .profiles import Partition, Profile, resolved_partitions, resolved_ports
+from .profiles import MkosiValue, Partition, Profile, resolved_partitions, resolved_ports
 from .site import Site
 
 DISTRIBUTION = ("debian", "trixie")
@@ -55,7 +55,8 @@ def site_layer(site: Site, layers: list[Profile]) -> Profile:
     overrides = {}
     if "data" in parts:
         overrides["data"] = parts["data"].model_copy(update={"size_min": site.image.data_size})
-    mk = {"Content": {"KernelCommandLine": site.image.kernel_command_line}} if site.image.kernel_command_line else {}
+    mk: dict[str, dict[str, MkosiValue]] = (
+        {"Content": {"KernelCommandLine": site.image.kernel_command_line}} if site.image.kernel_command_line else {})
     return Profile(
         description=f"site {site.name}",
         packages=site.image.extra_packages,

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -105,7 +106,7 @@ class User(_Model):
             return value
         scheme = re.match(r"\{([A-Z0-9-]+)\}", value)
         grammar = PASSWORD_HASHES.get(scheme.group(1)) if scheme else None
-        if grammar is None or not re.fullmatch(grammar, value[scheme.end():]):
+        if scheme is None or grammar is None or not re.fullmatch(grammar, value[scheme.end():]):
             raise ValueError(
                 "expected a strong hash such as '{ARGON2ID}$argon2id$...' or "
                 "'{SHA512-CRYPT}$6$...' (plaintext and weak schemes are refused)"
@@ -351,7 +352,7 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     kind, msg = err["type"], err["msg"]
     value = err.get("input")
     if kind == "extra_forbidden":
@@ -372,7 +373,7 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
     try:
         site = Site.model_validate(data)
     except ValidationError as e:
-        lines = []
+        lines: list[str] = []
         for err in e.errors():
             if err["type"] == "value_error" and not err["loc"]:
                 # model-level consistency checks carry their own key paths

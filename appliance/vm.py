@@ -318,10 +318,10 @@ class Switch:
         logpath = self.directory.with_name(self.directory.name + ".log")
         # stdin stays an open pipe: vde_switch treats end-of-file on its console as "quit".
         with open(logpath, "w") as log:
-            self.proc = subprocess.Popen(["vde_switch", "--sock", str(self.directory)],
-                                         stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True)
+            self.proc = proc = subprocess.Popen(["vde_switch", "--sock", str(self.directory)],
+                                                stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True)
         try:
-            retry(lambda last: (self.directory / "ctl").exists() or self.proc.poll() is not None,
+            retry(lambda last: (self.directory / "ctl").exists() or proc.poll() is not None,
                   timeout=10, interval=0.1)
         except TimeoutError:
             pass

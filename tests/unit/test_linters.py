@@ -1,5 +1,6 @@
 """Static checks are tests: shellcheck over every shell script the images carry, ruff over
-the Python (its rules are in pyproject.toml)."""
+the Python and mypy over the builder (their settings are in pyproject.toml)."""
+import os
 import re
 import subprocess
 import sys
@@ -34,5 +35,12 @@ def test_every_overlay_script_passes_shellcheck():
 def test_the_python_passes_ruff():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
                         "appliance", "tests", "bench", "build.py"],
+                       cwd=paths.ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_builder_passes_mypy():
+    # --cache-dir=/dev/null: mypy writes no .mypy_cache into the checkout (a cold run).
+    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "pyproject.toml", "--cache-dir", os.devnull],
                        cwd=paths.ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
