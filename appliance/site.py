@@ -28,6 +28,12 @@ from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
+# The account a backup node keeps each primary's snapshots under is this prefix and the
+# primary's name (overlays/60-mailstore: backup-pair makes it); systemd allows user names
+# of at most 31 characters.
+BACKUP_ACCOUNT = "mcb-"
+USER_NAME_MAX = 31
+
 Hostname = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ]
@@ -325,6 +331,10 @@ class Site(_Model):
                     problems.append((f"backups[{i}].{key}", f"{name!r} has role {node.role!r}; expected a mailstore"))
             if pair.primary == pair.backup:
                 problems.append((f"backups[{i}]", "a mailstore cannot back itself up"))
+            if len(BACKUP_ACCOUNT + pair.primary) > USER_NAME_MAX:
+                problems.append((f"backups[{i}].primary", f"{pair.primary!r} has {len(pair.primary)} characters; the "
+                                 f"backup keeps each primary's snapshots under an account named {BACKUP_ACCOUNT}PRIMARY, "
+                                 f"which allows a primary name of at most {USER_NAME_MAX - len(BACKUP_ACCOUNT)}"))
         for i, u in enumerate(self.users):
             domain = u.address.split("@", 1)[1]
             if domain not in self.mail_domains:

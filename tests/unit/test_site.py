@@ -67,6 +67,18 @@ def test_backup_pair_must_name_mailstores(tmp_path):
     assert "backups[0].backup: 'filter1' has role 'filter'; expected a mailstore" in msg
 
 
+def test_a_primary_whose_backup_account_name_would_be_too_long_is_refused(tmp_path):
+    long = "store-" + "x" * 22  # 28 characters: mcb-<it> would be 32
+
+    def rename(d):
+        d["nodes"][3]["name"] = long
+        d["backups"][0]["primary"] = long
+        for u in d["users"]:
+            u.pop("mailstore", None)
+    msg = error_of(tmp_path, rename)
+    assert f"backups[0].primary: '{long}' has 28 characters" in msg and "at most 27" in msg
+
+
 def test_plaintext_password_refused(tmp_path):
     msg = error_of(tmp_path, lambda d: d["users"][0].update(password_hash="hunter2"))
     assert "users[0].password_hash" in msg and "strong hash" in msg
