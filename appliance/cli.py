@@ -138,7 +138,7 @@ def credentials(obj: Context, node: str, fmt: str, output: Path) -> None:
 
     site = obj.site
     target = site.node(node)
-    creds = node_credentials(site, target, target.mac, Secrets(paths.SECRETS / site.name))
+    creds = node_credentials(site, target, target.mac, Secrets.of(site))
     if fmt == "smbios":
         # A file, not arguments: secrets on QEMU's command line are readable by every user.
         if output.exists():
@@ -253,7 +253,7 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
     spec = qemu.VMSpec(
         name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
         memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},
-        credentials=node_credentials(site, target, None, Secrets(paths.SECRETS / site.name)), interactive=True,
+        credentials=node_credentials(site, target, None, Secrets.of(site)), interactive=True,
     )
     existing = spec.disk.exists() and not fresh
     qemu.prepare(spec, fresh=not existing)
@@ -337,14 +337,14 @@ def _flash_onto(obj: Context, path: Path, expected: str, target, node, yes: bool
         click.confirm(f"Write {path.name} onto {device} ({target.description}) as {node.name}? "
                       "Everything on it is lost.", abort=True, err=True)
     fl.write_image(path, bmap, target, echo)
-    creds = node_credentials(site, node, node.mac, Secrets(paths.SECRETS / site.name))
+    creds = node_credentials(site, node, node.mac, Secrets.of(site))
     # The ESP is readable by whoever holds the disk: the key to the encrypted mail store
     # must not lie beside it (README: "Supplying the mailstore key on bare metal").
     if creds.pop("mailcluster.mailstore-key", None) is not None and not with_mailstore_key:
         echo("note: the mailstore key is not written to the disk; give it to the node as README "
              "'Supplying the mailstore key on bare metal' says (mail services wait for it)")
     elif with_mailstore_key:
-        creds["mailcluster.mailstore-key"] = Secrets(paths.SECRETS / site.name).mailstore_key(node.name).encode()
+        creds["mailcluster.mailstore-key"] = Secrets.of(site).mailstore_key(node.name).encode()
     fl.write_credentials(target.io_path, creds, echo)
     click.echo(f"{device}: {path.name} written and verified ({bmap.mapped_bytes / 1e6:.0f} MB of data), "
                f"boots as {node.name}")
@@ -433,7 +433,7 @@ def run_cluster(obj: Context, memory: int) -> None:
     ports = {role: sorted(set(port_numbers(resolved_ports(obj.profiles.compose(role), site)).values()))
              for role in site.roles}
     c = Cluster(site, images, paths.IMAGES / site.name / "run-cluster", forwards=lambda n: ports[n.role],
-                secrets=Secrets(paths.SECRETS / site.name), agent=False, memory_mb=memory)
+                secrets=Secrets.of(site), agent=False, memory_mb=memory)
     names = [n.name for n in site.nodes]
     try:
         echo(f"booting {', '.join(names)} under TCG ({memory} MiB each); "

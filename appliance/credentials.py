@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from . import paths
 from .passwords import hash_password
 from .site import Node, Site
 
@@ -42,6 +43,11 @@ class Secrets:
 
     def __init__(self, root: Path):
         self.root = root
+
+    @classmethod
+    def of(cls, site: Site) -> "Secrets":
+        """The site's own secrets, where every command keeps them (paths.SECRETS/SITE)."""
+        return cls(paths.SECRETS / site.name)
 
     def _path(self, *parts: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
