@@ -301,16 +301,23 @@ class QemuProcess:
         except TimeoutError:
             return False
 
-    def powerdown(self, timeout: float = 90) -> None:
-        """ACPI power button, then a bounded wait; kill if the guest ignores it."""
-        if not self.running:
-            return
-        try:
-            self.qmp("system_powerdown")
-        except (OSError, ApplianceError, ValueError):
-            pass
+    def press_power_button(self) -> None:
+        """ACPI power button; the guest shuts down in its own time (see finish)."""
+        if self.running:
+            try:
+                self.qmp("system_powerdown")
+            except (OSError, ApplianceError, ValueError):
+                pass   # (a QEMU that cannot take it is killed by finish)
+
+    def finish(self, timeout: float) -> None:
+        """A bounded wait for QEMU to exit; kill it if the guest still runs after that."""
         if not self.wait_exit(timeout):
             self.kill()
+
+    def powerdown(self, timeout: float = 90) -> None:
+        """ACPI power button, then a bounded wait; kill if the guest ignores it."""
+        self.press_power_button()
+        self.finish(timeout)
 
     def kill(self) -> None:
         if self.running:

@@ -100,9 +100,14 @@ class Machine:
 
     def shutdown(self, timeout: float = 120) -> None:
         """Clean power-off through ACPI; the disk keeps its state for a later start()."""
+        self.press_power_button()
+        self.process.finish(timeout)
+
+    def press_power_button(self) -> None:
+        """ACPI power-off, not waited for (Cluster.shutdown waits for all guests at once)."""
         log(f"{self.name}: shutting down")
         self._close_agent()
-        self.process.powerdown(timeout)
+        self.process.press_power_button()
 
     def crash(self) -> None:
         """Hard power-off: no flush, no clean unmount."""
@@ -426,16 +431,10 @@ class Cluster:
         """Every guest at once through ACPI, then a bounded wait; kill what ignores it."""
         running = [m for m in self.machines.values() if m.process.running]
         for m in running:
-            log(f"{m.name}: shutting down")
-            m._close_agent()
-            try:
-                m.process.qmp("system_powerdown")
-            except Exception:
-                pass
+            m.press_power_button()
         deadline = time.monotonic() + timeout
         for m in running:
-            if not m.process.wait_exit(max(deadline - time.monotonic(), 1)):
-                m.process.kill()
+            m.process.finish(max(deadline - time.monotonic(), 1))
         self.switch.stop()
 
     def mac(self, node: Node) -> str:
