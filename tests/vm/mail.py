@@ -160,8 +160,10 @@ FILTERS = ("filter1", "filter2")
 
 
 def queued(m: Machine) -> int:
-    """Messages in `m`'s Postfix queue."""
-    return len(m.succeed("postqueue -j").splitlines())
+    """Messages in `m`'s Postfix queue, by queue ID: showq reads one queue directory after
+    another, and lists a message that qmgr moves between two of them meanwhile twice
+    (a burst just in: incoming -> active -> deferred)."""
+    return len({json.loads(line)["queue_id"] for line in m.succeed("postqueue -j").splitlines() if line.strip()})
 
 
 def backend_status(c, backend: str = "filters_25") -> dict[str, str]:
