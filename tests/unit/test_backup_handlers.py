@@ -118,7 +118,7 @@ def test_links_and_special_files_in_the_received_store_are_refused(node, plant):
     assert untouched(mail)
 
 
-def receive(tmp_path, kind, peer, request, extra_env=None):
+def receive(tmp_path, kind, peer, request, extra_env=None, umask=-1):
     """backup-receive as sshd runs it, with an rsync on PATH that records its arguments."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
@@ -131,7 +131,8 @@ def receive(tmp_path, kind, peer, request, extra_env=None):
     (mail / "restore").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MC_MAIL": str(mail), "SSH_ORIGINAL_COMMAND": request,
            **(extra_env or {})}
-    r = subprocess.run(["bash", str(LIBEXEC / "backup-receive"), kind, peer], env=env, capture_output=True, text=True)
+    r = subprocess.run(["bash", str(LIBEXEC / "backup-receive"), kind, peer], env=env, capture_output=True, text=True,
+                       umask=umask)
     args = tmp_path / "rsync-args"
     return r, args.read_text().split() if args.exists() else None
 
@@ -423,9 +424,12 @@ def test_pairing_registers_the_key_in_that_primarys_own_directory(tmp_path):
     _, state = backup_node(tmp_path)
     (state / "paired" / "store1" / "key.pub").unlink()
     env = {"MC_STATE": str(state)}
-    r, _ = receive(tmp_path, "pair", "store1", f"pair {ed25519(42)} mailcluster-backup store1", env)
+    # (run as sshd may run it, with a umask that keeps new files private: backup-keys
+    # reads the key as another user, mcbackup)
+    r, _ = receive(tmp_path, "pair", "store1", f"pair {ed25519(42)} mailcluster-backup store1", env, umask=0o077)
     assert r.returncode == 0, r.stderr
     assert (state / "paired" / "store1" / "key.pub").read_text() == f"{ed25519(42)} store1\n"
+    assert (state / "paired" / "store1" / "key.pub").stat().st_mode & 0o777 == 0o644
     assert (state / "paired" / "store3" / "key.pub").read_text() == f"{ed25519(13)} store3\n"
     # A primary whose directory backup-pair never made (no account of its own) registers nothing.
     r, _ = receive(tmp_path, "pair", "store9", f"pair {ed25519(43)}", env)
