@@ -144,9 +144,10 @@ def run_backup(store: Machine) -> dict:
     return {"snapshot": snap[-1], "bytes": int(sent[-1]), "files": int(files[-1]), "seconds": seconds}
 
 
-def wait_delivered(store: Machine) -> None:
+def wait_delivered(store: Machine, timeout: float = 300) -> None:
+    """Until `store`'s Postfix queue is empty (a filter's too: the same queue check)."""
     try:
-        store.wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=300)
+        store.wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=timeout)
     except AssertionError as e:
         e.add_note("mail queue (with deferral reasons):\n" + store.execute("postqueue -p | tail -20")[1])
         # Dovecot says "Internal error" over LMTP and the reason only in its own log.

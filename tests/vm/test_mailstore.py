@@ -129,7 +129,7 @@ def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     # Mail from before is all delivered first (the filters may still be handing over what
     # they spooled): only this burst can be caught in the crash.
     for name in FILTERS:
-        cluster[name].wait_until_succeeds("test -z \"$(postqueue -j)\"", timeout=420)
+        wait_delivered(cluster[name], timeout=420)
     wait_delivered(store)
     burst = new_tokens(30)
     acked = smtp_send(flt, str(site.node("store1").address), burst)
