@@ -12,8 +12,9 @@ import click
 
 from . import host, paths, qemu
 from .errors import ApplianceError
-from .imagebuild import Builder, variant_name
-from .profiles import ProfileSet, port_numbers, resolved_partitions, resolved_ports
+from .imagebuild import Builder
+from .plan import CONSTANTS_PATH, Plan
+from .profiles import ProfileSet
 from .site import Site, load_site
 
 
@@ -34,6 +35,9 @@ class Context:
         if self._site is None:
             self._site = load_site(self.site_path, self.profiles.roles)
         return self._site
+
+    def plan(self, role: str, layers: tuple[str, ...] = ()) -> Plan:
+        return Plan.of(self.profiles, self.site, role, layers)
 
 
 class RoleType(click.ParamType):
@@ -163,19 +167,17 @@ def credentials(obj: Context, node: str, fmt: str, output: Path) -> None:
 @main.command("list")
 @click.pass_obj
 def list_(obj: Context) -> None:
-    """List the roles and what each contains."""
+    """List the roles and what each contains on the site."""
     ps = obj.profiles
     for role in ps.roles:
-        layers = ps.compose(role)
-        pkgs = [p for l in layers for p in l.packages]
-        ports = resolved_ports(layers)
+        plan = obj.plan(role)
         click.echo(f"{role}: {ps.get(role).description}")
-        click.echo(f"  layers:   {' -> '.join(l.name for l in layers)} -> site")
-        click.echo(f"  packages: {', '.join(pkgs)}")
-        click.echo(f"  overlays: {', '.join(o for l in layers for o in l.overlays)}")
-        click.echo(f"  services: {', '.join(s for l in layers for s in l.services.enable)}")
+        click.echo(f"  layers:   {' -> '.join(l.name for l in plan.layers)}")
+        click.echo(f"  packages: {', '.join(plan.packages)}")
+        click.echo(f"  overlays: {', '.join(o for l in plan.layers for o in l.overlays)}")
+        click.echo(f"  services: {', '.join(plan.services.enable)}")
         shown = [f"{name} {p.port}" + ("" if p.allow == ["world"] else f" ({'/'.join(p.allow)} only)")
-                 for name, p in ports.items()]
+                 for name, p in plan.ports.items()]
         click.echo(f"  ports:    {', '.join(shown)}")
     others = sorted(n for n, p in ps.profiles.items() if p.kind != "role")
     click.echo(f"layers: {', '.join(others)}")
@@ -185,26 +187,22 @@ def list_(obj: Context) -> None:
 @click.argument("role", type=ROLE)
 @click.option("--layer", "layers", multiple=True, help="Extra profile layered on top (e.g. test).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--mkosi", "with_mkosi", is_flag=True,
+              help="Also render the mkosi configuration and print it with its input hash (asks Debian's "
+                   "archive for its state, as a build does).")
 @click.pass_obj
-def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> None:
-    """Print the fully resolved configuration of ROLE for the site."""
-    builder = Builder(obj.profiles, obj.site, log=echo)
-    builddir, digest = builder.render(role, tuple(layers))
-    composed = obj.profiles.compose(role, list(layers))
-    doc: dict[str, Any] = {
-        "role": role,
-        "site": obj.site.name,
-        "input_hash": digest,
-        "build_directory": str(builddir),
-        "layers": [l.name for l in composed] + ["site"],
-        "packages": [p for l in composed for p in l.packages] + list(obj.site.image.extra_packages),
-        "services": {"enable": [s for l in composed for s in l.services.enable],
-                     "disable": [s for l in composed for s in l.services.disable]},
-        "ports": {k: p.model_dump() for k, p in resolved_ports(composed, obj.site).items()},
-        "partitions": {k: v.model_dump(exclude_none=True) for k, v in resolved_partitions(composed).items()},
-        "checks": [c for l in composed for c in l.checks],
-        "mkosi": {p.name: p.read_text() for p in sorted((builddir / "mkosi.conf.d").glob("*.conf"))},
-    }
+def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool, with_mkosi: bool) -> None:
+    """Print the plan of ROLE's image for the site: layers, packages, services, ports and
+    who may reach each, partitions, checks, and the constants its scripts read. Offline
+    unless --mkosi."""
+    for layer in layers:
+        obj.profiles.get(layer)
+    doc: dict[str, Any] = obj.plan(role, layers).describe()
+    if with_mkosi:
+        builddir, digest = Builder(obj.profiles, obj.site, log=echo).render(role, tuple(layers))
+        doc["input_hash"] = digest
+        doc["build_directory"] = str(builddir)
+        doc["mkosi"] = {p.name: p.read_text() for p in sorted((builddir / "mkosi.conf.d").glob("*.conf"))}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -214,6 +212,9 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool) -> Non
             for name, text in value.items():
                 click.echo(f"  --- {name}")
                 click.echo("".join(f"    {line}\n" for line in text.splitlines()), nl=False)
+        elif key == "constants":
+            click.echo(f"constants ({CONSTANTS_PATH} in the image):")
+            click.echo("".join(f"    {line}\n" for line in value.splitlines()), nl=False)
         else:
             click.echo(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
 
@@ -245,14 +246,15 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
         raise ApplianceError(f"site {site.name!r} has no {role} node", hint="pass --node NAME")
     if target.role != role:
         raise ApplianceError(f"node {target.name!r} has role {target.role!r}, not {role!r}")
-    image = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
+    plan = obj.plan(role)
+    image = plan.image()
     if not image.exists():
         raise ApplianceError(f"{image}: no image built for role {role}", hint=f"run ./build.py build {role}")
-    declared = resolved_ports(obj.profiles.compose(role), site)
-    ports = port_numbers(declared)
+    declared = plan.ports
+    ports = plan.port_numbers()
     spec = qemu.VMSpec(
-        name=target.name, image=image, state_dir=paths.IMAGES / site.name / "run" / target.name,
-        memory_mb=memory, forwards={p: qemu.free_port() for p in sorted(set(ports.values()))},
+        name=target.name, image=image, state_dir=image.parent / "run" / target.name,
+        memory_mb=memory, forwards={p: qemu.free_port() for p in plan.forwarded_ports},
         credentials=node_credentials(site, target, None, Secrets.of(site)), interactive=True,
     )
     existing = spec.disk.exists() and not fresh
@@ -370,7 +372,7 @@ def publish(obj: Context, to: str, sign_key: str, roles: tuple[str, ...], layers
     ref = registry.Ref.parse(to)
     images = {}
     for role in roles or site.roles:
-        image = paths.IMAGES / site.name / f"{variant_name(role, tuple(layers))}.raw"
+        image = obj.plan(role, layers).image()
         if not image.exists():
             raise ApplianceError(f"{image}: not built", hint=f"run ./build.py build {role}" +
                                  "".join(f" --layer {l}" for l in layers))
@@ -425,14 +427,13 @@ def run_cluster(obj: Context, memory: int) -> None:
     from .vm import Cluster, MachineError
 
     site = obj.site
-    images = {}
-    for role in site.roles:
-        images[role] = paths.IMAGES / site.name / f"{variant_name(role, ())}.raw"
-        if not images[role].exists():
-            raise ApplianceError(f"{images[role]}: no image built for role {role}", hint="run ./build.py build")
-    ports = {role: sorted(set(port_numbers(resolved_ports(obj.profiles.compose(role), site)).values()))
-             for role in site.roles}
-    c = Cluster(site, images, paths.IMAGES / site.name / "run-cluster", forwards=lambda n: ports[n.role],
+    plans = {role: obj.plan(role) for role in site.roles}
+    images = {role: plan.image() for role, plan in plans.items()}
+    for role, image in images.items():
+        if not image.exists():
+            raise ApplianceError(f"{image}: no image built for role {role}", hint="run ./build.py build")
+    c = Cluster(site, images, paths.IMAGES / site.name / "run-cluster",
+                plans=plans,
                 secrets=Secrets.of(site), agent=False, memory_mb=memory)
     names = [n.name for n in site.nodes]
     try:

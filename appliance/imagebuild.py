@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from . import archive, paths
 from .paths import HOST_PATH
 from .errors import BuildError
+from .plan import Plan
 from .profiles import ProfileSet
 from .render import render, render_initrd, tree_hash
 from .site import Site
@@ -78,10 +79,6 @@ def step_times(steps: list[tuple[float, str]], end: float) -> list[dict]:
     return [{"step": name, "seconds": round(e - t, 1)} for (t, name), e in zip(steps, ends)]
 
 
-def variant_name(role: str, extra: tuple[str, ...]) -> str:
-    return "-".join((role, *extra))
-
-
 class Builder:
     def __init__(self, profiles: ProfileSet, site: Site, log: Callable[[str], None] = print,
                  build_root: Path = paths.BUILD, images_root: Path = paths.IMAGES):
@@ -105,34 +102,39 @@ class Builder:
         # new image.
         return Path(__file__).read_bytes() + mkosi_version().encode() + self.archive_state.token.encode()
 
+    def plan(self, role: str, extra: tuple[str, ...] = ()) -> Plan:
+        return Plan.of(self.profiles, self.site, role, extra)
+
     def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
-        variant = variant_name(role, extra)
-        dest = self.build_root / self.site.name / variant
-        render(self.site, role, self.profiles.compose(role, list(extra)), self.profiles.overlay_dir,
-               dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, self.initrd_path())
+        plan = self.plan(role, extra)
+        dest = self.build_root / self.site.name / plan.variant
+        render(plan, dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, self.initrd_path())
         return dest, tree_hash(dest, self._salt())
 
-    def initrd_path(self) -> Path:
-        """Where the initrd of every role's UKI is, built or not: it is built once per
-        mkosi, archive state and configuration, and its path names that hash, so a new
-        initrd makes a new image."""
+    def _initrd_config(self) -> tuple[Path, Path]:
+        """The initrd's rendered configuration, and where the initrd built from it is."""
         if self._initrd is None:
             dest = self.build_root / ".initrd"  # not a site name: those are never dotted
             with locked(f"initrd-config-{self.build_root.as_posix().replace('/', '_')}"):
                 render_initrd(dest, paths.PACKAGE_CACHE)
                 self._initrd = (dest, paths.INITRDS / tree_hash(dest, self._salt()) / "initrd")
-        return self._initrd[1]
+        return self._initrd
+
+    def initrd_path(self) -> Path:
+        """Where the initrd of every role's UKI is, built or not: it is built once per
+        mkosi, archive state and configuration, and its path names that hash, so a new
+        initrd makes a new image."""
+        return self._initrd_config()[1]
 
     def _ensure_initrd(self) -> None:
         """Build the shared initrd if it is not there yet (under the build lock)."""
-        done = self.initrd_path()
+        config, done = self._initrd_config()
         if done.exists():
             return
         self.log(f"initrd: building the initrd every role shares ({done.parent.name[:12]})")
-        self._run_mkosi_initrd(self._initrd[0], done)
+        self._run_mkosi_initrd(config, done)
 
     def _run_mkosi_initrd(self, config: Path, done: Path) -> None:
-        paths.PACKAGE_CACHE.mkdir(parents=True, exist_ok=True)
         staging = paths.INITRDS / f".tmp-{done.parent.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -157,25 +159,26 @@ class Builder:
             shutil.rmtree(d, ignore_errors=True)
 
     def build(self, role: str, extra: tuple[str, ...] = (), refresh: bool = False) -> Artifact:
-        variant = variant_name(role, extra)
+        plan = self.plan(role, extra)
         # Rendering rewrites the build directory that mkosi reads: one process per variant.
-        with locked(f"variant-{self.site.name}-{variant}"):
-            return self._build_locked(role, variant, extra, refresh)
+        with locked(f"variant-{self.site.name}-{plan.variant}"):
+            return self._build_locked(plan, refresh)
 
-    def _build_locked(self, role: str, variant: str, extra: tuple[str, ...], refresh: bool) -> Artifact:
-        builddir, digest = self.render(role, extra)
+    def _build_locked(self, plan: Plan, refresh: bool) -> Artifact:
+        role, variant = plan.role, plan.variant
+        builddir, digest = self.render(role, plan.extra)
         store = paths.STORE / digest
         if not refresh and (store / "complete").exists():
             self.log(f"{variant}: up to date ({digest[:12]}), reusing {store}")
-            return self._publish(variant, digest, built=False)
+            return self._publish(plan, digest, built=False)
         # One build at a time: two cores, and every role shares the package cache.
         with locked("build"):
             if not refresh and (store / "complete").exists():
                 self.log(f"{variant}: built meanwhile by another process, reusing it")
-                return self._publish(variant, digest, built=False)
+                return self._publish(plan, digest, built=False)
             self._run_mkosi(role, variant, builddir, digest, refresh)
         self._collect_garbage(variant)
-        return self._publish(variant, digest, built=True)
+        return self._publish(plan, digest, built=True)
 
     def _run_mkosi(self, role: str, variant: str, builddir: Path, digest: str, refresh: bool) -> None:
         paths.STORE.mkdir(parents=True, exist_ok=True)
@@ -279,14 +282,14 @@ class Builder:
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    def _publish(self, variant: str, digest: str, built: bool) -> Artifact:
+    def _publish(self, plan: Plan, digest: str, built: bool) -> Artifact:
         """Hard-link the store's files into images/<site>/ and refresh SHA256SUMS there."""
         store = paths.STORE / digest
         info = json.loads((store / "manifest.json").read_text())
-        outdir = self.images_root / self.site.name
+        image, manifest = plan.image(self.images_root), plan.manifest(self.images_root)
+        outdir = image.parent
         outdir.mkdir(parents=True, exist_ok=True)
-        targets = {store / info["image"]["file"]: outdir / f"{variant}.raw",
-                   store / "manifest.json": outdir / f"{variant}.manifest.json"}
+        targets = {store / info["image"]["file"]: image, store / "manifest.json": manifest}
         for src, dst in targets.items():
             tmp = dst.with_name(f".{dst.name}.tmp")
             tmp.unlink(missing_ok=True)
@@ -302,7 +305,7 @@ class Builder:
             meta = json.loads(m.read_text())
             sums.append(f"{meta['image']['sha256']}  {meta['variant']}.raw\n")
         (outdir / "SHA256SUMS").write_text("".join(sums))
-        return Artifact(variant, digest, outdir / f"{variant}.raw", outdir / f"{variant}.manifest.json", built)
+        return Artifact(plan.variant, digest, image, manifest, built)
 
     def _collect_garbage(self, variant: str) -> None:
         """Keep the newest few store entries per site and variant; images/ links keep theirs alive."""

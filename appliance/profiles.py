@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from . import paths
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .site import Site
 
 MkosiValue = str | list[str]
 
@@ -34,15 +31,21 @@ class Services(_Model):
 
 
 # Who may connect to a port: the world, the site's admin network, the whole cluster
-# network (nodes that are joining included), or the current members of one role.
-Source = Literal["world", "admin", "cluster", "frontends", "filters", "mailstores"]
+# network (nodes that are joining included), or the active members of one role (the
+# role's member set, `member_set`). ProfileSet.load checks each name.
+NETWORK_SOURCES = ("world", "admin", "cluster")
+
+
+def member_set(role: str) -> str:
+    """The name by which ports admit a role's active members (and of its nftables set)."""
+    return f"{role}s"
 
 
 class Port(_Model):
     """A TCP port a role serves, and who may connect to it (nftables enforces it)."""
 
     port: int = Field(ge=1, le=65535)
-    allow: list[Source] = Field(default=["world"], min_length=1)
+    allow: list[str] = Field(default=["world"], min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -73,7 +76,7 @@ class Profile(_Model):
     partitions: dict[str, Partition] = {}
     ports: dict[str, Port] = Field(
         default={}, description="service name -> TCP port the role serves: a number (open to the world) "
-                                "or {port: N, allow: [admin, cluster, frontends, filters, mailstores]}")
+                                "or {port: N, allow: [admin, cluster, or a role's members: frontends, filters, ...]}")
     postinst: list[str] = Field(default=[], description="commands run inside the image at build time, "
                                                         "after the overlays and before every layer's checks")
     checks: list[str] = Field(default=[], description="commands run inside the image at build time")
@@ -129,6 +132,13 @@ class ProfileSet:
                     raise ConfigError(f"{p.path}: overlays: no overlay directory {overlay_dir / ov}")
         for name in profiles:
             ps.chain(name)  # reject cycles up front
+        sources = (*NETWORK_SOURCES, *(member_set(r) for r in ps.roles))
+        for p in profiles.values():
+            for port_name, port in p.ports.items():
+                for src in port.allow:
+                    if src not in sources:
+                        raise ConfigError(f"{p.path}: ports.{port_name}.allow: unknown source {src!r}",
+                                          hint=f"one of: {', '.join(sources)}")
         return ps
 
     @property
@@ -164,24 +174,6 @@ class ProfileSet:
                 if p.name not in {q.name for q in layers}:
                     layers.append(p)
         return layers
-
-
-def resolved_ports(layers: list[Profile], site: "Site | None" = None) -> dict[str, Port]:
-    """Ports the composed role serves and who may connect: its layers' (a later layer
-    wins), then what the site opens to the world for the role (a frontend's submission
-    ports; a filter's port 25 when the filters are the MX)."""
-    ports: dict[str, Port] = {}
-    for layer in layers:
-        ports.update(layer.ports)
-    if site is not None:
-        role = next((l.name for l in layers if l.kind == "role"), "")
-        ports.update({name: Port(port=n) for name, n in site.site_ports(role).items()})
-    return ports
-
-
-def port_numbers(ports: dict[str, Port], source: "Source | None" = None) -> dict[str, int]:
-    """name -> port number, optionally only the ports open to `source`."""
-    return {name: p.port for name, p in ports.items() if source is None or source in p.allow}
 
 
 def resolved_partitions(layers: list[Profile]) -> dict[str, Partition]:

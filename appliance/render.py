@@ -21,11 +21,10 @@ import jinja2
 
 from . import archive
 from .errors import ConfigError
-from .profiles import MkosiValue, Partition, Profile, resolved_partitions, resolved_ports
-from .site import Site
+from .plan import CONSTANTS_PATH, Plan
+from .profiles import Partition, Profile
 
 DISTRIBUTION = ("debian", "trixie")
-OUTBOUND_PORT = 10025
 
 # The initrd only needs what finds and mounts the root disk; mkosi 24.3 otherwise packs
 # every module (133 MB UKI). crc32c: ext4 metadata checksums fail without it.
@@ -47,23 +46,6 @@ SKELETON = {
 # This exact file name replaces mkosi's own list, which adds an unreachable debian-debug
 # repository. The suites come from appliance/archive.py, which also tracks their state.
 APT_SOURCES = archive.apt_sources()
-
-
-def site_layer(site: Site, layers: list[Profile]) -> Profile:
-    """The site file's image settings as the last layer of every role."""
-    parts = resolved_partitions(layers)
-    overrides = {}
-    if "data" in parts:
-        overrides["data"] = parts["data"].model_copy(update={"size_min": site.image.data_size})
-    mk: dict[str, dict[str, MkosiValue]] = (
-        {"Content": {"KernelCommandLine": site.image.kernel_command_line}} if site.image.kernel_command_line else {})
-    return Profile(
-        description=f"site {site.name}",
-        packages=site.image.extra_packages,
-        partitions=overrides,
-        mkosi=mk,
-        name="site",
-    )
 
 
 # mkosi splits most list settings on commas; these few on spaces.
@@ -273,31 +255,32 @@ def _postinst(commands: list[tuple[str, str]], checks: list[tuple[str, str]]) ->
 
 
 def render(
-    site: Site,
-    role: str,
-    layers: list[Profile],
-    overlay_dir: Path,
+    plan: Plan,
     dest: Path,
     cache_dir: Path,
     package_cache: Path,
     initrd: Path | None = None,
 ) -> Path:
-    """Write a complete mkosi configuration for `role` into `dest` (wiped first)."""
-    layers = [*layers, site_layer(site, layers)]
+    """Write a complete mkosi configuration for the plan's image into `dest` (wiped first)."""
+    site, role, layers = plan.site, plan.role, plan.layers
     _fresh_config_dir(dest)
     (dest / "mkosi.conf.d").mkdir(parents=True)
 
     for rel, text in SKELETON.items():
         (dest / "skeleton" / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / "skeleton" / rel).write_text(text)
+    constants = dest / "trees" / "00-plan" / CONSTANTS_PATH
+    constants.parent.mkdir(parents=True)
+    constants.write_text(plan.constants())
 
     context = {
+        "plan": plan,
         "site": site,
         "role": role,
         "layers": [l.name for l in layers],
-        "ports": resolved_ports(layers, site),
-        # Filters take the mailstores' outgoing mail here (no PROXY header, mailstores only).
-        "outbound_port": OUTBOUND_PORT,
+        "ports": plan.ports,
+        # Every role's ports on this site, for configuration that points at a peer.
+        "peers": plan.peers,
     }
     renderer = TemplateRenderer(context)
 
@@ -319,6 +302,7 @@ def render(
         "KernelModulesInitrdExclude": ".*",
         "KernelModulesInitrdInclude": INITRD_MODULES,
         "SkeletonTrees": "skeleton",
+        "ExtraTrees": "trees/00-plan",
         "PostInstallationScripts": "postinst.chroot",
         "Incremental": "yes",
         # Built once per archive state by the builder (render_initrd); mkosi would
@@ -327,15 +311,13 @@ def render(
         **({"Initrds": str(initrd)} if initrd else {}),
     })))
 
-    commands: list[tuple[str, str]] = []
-    checks: list[tuple[str, str]] = []
     for i, layer in enumerate(layers):
         idx = f"{(i + 1) * 10:02d}"
         trees = []
         for ov in layer.overlays:
             tree = dest / "trees" / f"{idx}-{layer.name}" / ov
             tree.mkdir(parents=True)
-            _copy_overlay(overlay_dir / ov, tree, renderer)
+            _copy_overlay(plan.overlay_dir / ov, tree, renderer)
             trees.append(f"trees/{idx}-{layer.name}/{ov}")
         if layer.services.enable or layer.services.disable:
             preset = dest / "trees" / f"{idx}-{layer.name}" / "_preset"
@@ -359,16 +341,14 @@ def render(
             f"# Generated from {_source_name(layer)}: {layer.description}\n"
             + _ini(sections)
         )
-        commands += [(layer.name, c) for c in layer.postinst]
-        checks += [(layer.name, c) for c in layer.checks]
 
     repart = dest / "repart"
     repart.mkdir()
-    for name, part in resolved_partitions(layers).items():
+    for name, part in plan.partitions.items():
         (repart / f"{part.order:02d}-{name}.conf").write_text(_repart(part))
 
     script = dest / "postinst.chroot"
-    script.write_text(_postinst(commands, checks))
+    script.write_text(_postinst(plan.postinst, plan.checks))
     script.chmod(0o755)
 
     (dest / "layers.json").write_text(json.dumps(

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
+from .profiles import Port, member_set
 
 # The account a backup node keeps each primary's snapshots under is this prefix and the
 # primary's name (overlays/60-mailstore: backup-pair makes it); systemd allows user names
@@ -258,12 +259,18 @@ class Site(_Model):
             hint="known nodes: " + ", ".join(n.name for n in self.nodes),
         )
 
-    def site_ports(self, role: str) -> dict[str, int]:
-        """Ports this site opens to the world for a role (on top of its profile's)."""
-        if role == "frontend" and self.nodes_with_role("frontend"):
-            return {FRONTEND_PORTS[p]: p for p in self.frontend.ports}
-        if role == "filter" and not self.nodes_with_role("frontend"):
-            return {"smtp": 25}  # no frontend: the filters are the MX (round-robin DNS)
+    def site_ports(self, role: str) -> dict[str, Port]:
+        """Ports this site adds for a role on top of its profile's: a frontend's public
+        ports, a filter's port 25 when there is no frontend (the filters are the MX), and
+        the mailstores' ports for the submission the frontends relay."""
+        frontends = bool(self.nodes_with_role("frontend"))
+        if role == "frontend" and frontends:
+            return {FRONTEND_PORTS[p]: Port(port=p) for p in self.frontend.ports}
+        if role == "filter" and not frontends:
+            return {"smtp": Port(port=25)}
+        if role == "mailstore":
+            return {f"{FRONTEND_PORTS[p]}-proxied": Port(port=local, allow=[member_set("frontend")])
+                    for p, local in self.proxied_submission_ports().items()}
         return {}
 
     def proxied_submission_ports(self) -> dict[int, int]:

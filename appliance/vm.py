@@ -18,10 +18,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from . import qemu
 from .credentials import Secrets, node_credentials
+from .plan import Plan
 from .site import Node, Site
 from .wait import Timeout, retry
 
@@ -345,13 +346,16 @@ class Cluster:
     """Nodes of a site on one private switch, by node name."""
 
     def __init__(self, site: Site, images: dict[str, Path], workdir: Path,
-                 forwards: Callable[[Node], list[int]], secrets: Secrets, agent: bool = True,
+                 plans: Mapping[str, Plan], secrets: Secrets, agent: bool = True,
                  memory_mb: int = 1024):
+        """`plans`: each role's plan (appliance/plan.py), whose ports the host reaches
+        through forwards: every port the role serves, so that tests can also check
+        that the restricted ones are closed to it."""
         self.site = site
         self.secrets = secrets
         self.images = images
         self.workdir = workdir
-        self.forwards = forwards
+        self.plans = plans
         self.agent = agent
         self.memory_mb = memory_mb
         self.switch = Switch(workdir / "switch")
@@ -370,7 +374,7 @@ class Cluster:
         creds.update(credentials or {})
         spec = qemu.VMSpec(
             name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,
-            memory_mb=self.memory_mb, smp=qemu.CLUSTER_SMP, forwards={p: qemu.free_port() for p in self.forwards(node)},
+            memory_mb=self.memory_mb, smp=qemu.CLUSTER_SMP, forwards={p: qemu.free_port() for p in self.plans[node.role].forwarded_ports},
             credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent,
         )
         m = Machine(spec)
@@ -400,9 +404,11 @@ class Cluster:
         out = []
         for name, m in self.machines.items():
             role = self.site.node(name).role
-            wanted = {"frontend": [("SMTP", 25), ("submission", 587)],
-                      "mailstore": [] if name in standby else [("IMAP", 143), ("IMAPS", 993)]}.get(role, [])
-            out += [(what, name, m, port) for what, port in wanted if port in m.spec.forwards]
+            wanted = {"frontend": [("SMTP", "smtp"), ("submission", "submission")],
+                      "mailstore": [] if name in standby else [("IMAP", "imap"), ("IMAPS", "imaps")]}.get(role, [])
+            ports = self.plans[role].port_numbers()
+            out += [(what, name, m, ports[service]) for what, service in wanted
+                    if service in ports and ports[service] in m.spec.forwards]
         return out
 
     def wait_accepting_mail(self, timeout: float = 900) -> None:
@@ -422,8 +428,9 @@ class Cluster:
         lines = [f"  {what:10} {name:8} 127.0.0.1:{m.forward(port):<5}  (guest port {port})"
                  for what, name, m, port in self.mail_endpoints()]
         for name, m in self.machines.items():
-            if 22 in m.spec.forwards:
-                lines.append(f"  {'SSH':10} {name:8} 127.0.0.1:{m.forward(22):<5}  "
+            ssh = self.plans[self.site.node(name).role].port_numbers().get("ssh")
+            if ssh in m.spec.forwards:
+                lines.append(f"  {'SSH':10} {name:8} 127.0.0.1:{m.forward(ssh):<5}  "
                              f"(from the admin network {self.site.network.admin_network} only)")
         return "\n".join(lines)
 

@@ -64,14 +64,15 @@ def example_cluster(roles: tuple[str, ...], prefix: str):
     from appliance.profiles import ProfileSet
     from appliance.site import load_site
     from appliance.vm import Cluster
-    from tests.conftest import role_ports
+    from appliance.plan import Plan
 
     profiles = ProfileSet.load()
     site = load_site(paths.EXAMPLE_SITE, profiles.roles)
     builder = Builder(profiles, site, log=log)
+    plans = {r: Plan.of(profiles, site, r, ("test",)) for r in site.roles}
     images = {r: builder.build(r, ("test",)).raw for r in roles}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        c = Cluster(site, images, Path(tmp), forwards=lambda n: role_ports(profiles, site, n.role),
+        c = Cluster(site, images, Path(tmp), plans=plans,
                     secrets=Secrets(Path(tmp) / "secrets"))
         try:
             yield c

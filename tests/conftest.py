@@ -13,7 +13,8 @@ import pytest
 from appliance import archive, paths, vm
 from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
-from appliance.profiles import ProfileSet, port_numbers, resolved_ports
+from appliance.plan import Plan
+from appliance.profiles import ProfileSet
 from appliance.site import load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
@@ -83,13 +84,15 @@ def test_images(profiles, site):
     """Every role's image with the test layer. xdist workers share one build per input
     hash through the builder's lock and store; an unchanged tree builds nothing."""
     builder = Builder(profiles, site, log=lambda m: print(f"[build] {m}", file=sys.stderr, flush=True))
-    return {role: builder.build(role, ("test",)).raw for role in profiles.roles}
+    return {role: builder.build(role, TEST_LAYERS).raw for role in profiles.roles}
 
 
-def role_ports(profiles, site, role: str) -> list[int]:
-    """Every port a role serves, the restricted ones included: tests check those are
-    closed to the host, whose forwarded connections come from outside the site."""
-    return sorted(set(port_numbers(resolved_ports(profiles.compose(role), site)).values()))
+TEST_LAYERS = ("test",)
+
+
+def plans_of_test_images(profiles, site) -> dict[str, Plan]:
+    """Each role's test image's plan: what a cluster of test images forwards and where."""
+    return {role: Plan.of(profiles, site, role, TEST_LAYERS) for role in profiles.roles}
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +111,7 @@ SHARED_NODES = ("fe1", "filter1", "filter2", "store1")
 @pytest.fixture(scope="session")
 def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
     c = Cluster(site, test_images, tmp_path_factory.mktemp("mail-cluster"),
-                forwards=lambda node: role_ports(profiles, site, node.role), secrets=secrets)
+                plans=plans_of_test_images(profiles, site), secrets=secrets)
     try:
         boot(c, *SHARED_NODES)
         # What `./build.py run --cluster` waits for before it prints the endpoints.

@@ -25,6 +25,24 @@ def loop_device(backing: Path, size: int) -> Iterator[Path]:
         subprocess.run(["losetup", "-d", str(path)], capture_output=True)
 
 
+def script_lib(dest: Path, role: str, *libraries: Path) -> Path:
+    """A directory laid out as /usr/lib/mailcluster is in `role`'s image on the example
+    site: the shell libraries named (linked from overlays/) and the plan's constants
+    (appliance/plan.py) that members.sh sources. For host tests of the images' scripts."""
+    from appliance import paths
+    from appliance.plan import Plan
+    from appliance.profiles import ProfileSet
+    from appliance.site import load_site
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for lib in (paths.OVERLAYS / "10-base/usr/lib/mailcluster/members.sh", *libraries):
+        (dest / lib.name).symlink_to(lib)
+    profiles = ProfileSet.load()
+    plan = Plan.of(profiles, load_site(paths.EXAMPLE_SITE, profiles.roles), role)
+    (dest / "plan.sh").write_text(plan.constants())
+    return dest
+
+
 def digest(path: Path, length: int | None = None, offset: int = 0) -> str:
     """sha256 of a file or device (`length` bytes from `offset`; default: to the end)."""
     h = hashlib.sha256()

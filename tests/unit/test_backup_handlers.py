@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from appliance import paths
+from tests.tools import script_lib
 
-LIB = paths.OVERLAYS / "10-base/usr/lib/mailcluster"
 STORE_LIB = paths.OVERLAYS / "60-mailstore/usr/lib/mailcluster"
 LIBEXEC = paths.OVERLAYS / "60-mailstore/usr/libexec/mailcluster"
 OWN_SIG = "0123456789abcdef"
@@ -19,10 +19,7 @@ SECRET = "the-primary's-eCryptfs-passphrase-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 def pair_state(tmp_path, identity: str):
     """The handlers' library and a state directory of the pair store1 -> store2, as the
     node `identity` ("NAME ROLE ADDRESS") sees it."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for f in (LIB / "members.sh", STORE_LIB / "store.sh"):
-        (lib / f.name).symlink_to(f)
+    lib = script_lib(tmp_path / "lib", "mailstore", STORE_LIB / "store.sh")
     state = tmp_path / "state"
     state.mkdir()
     (state / "identity").write_text(identity + "\n")
@@ -57,7 +54,7 @@ def node(tmp_path):
         (vmail / f).write_text("x")
     for d in ("maildrop", "incoming", "active", "deferred", "hold", "corrupt"):
         (vmail / "postfix" / d).mkdir()
-    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail),
+    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_MAIL": str(mail),
            "MC_VMAIL": str(vmail)}
     return mail, secret, env
 
@@ -277,7 +274,7 @@ def test_a_takeover_that_does_not_fit_changes_nothing(tmp_path):
     key = tmp_path / "key"
     key.write_text(SECRET)
     calls = tmp_path / "calls"
-    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_ROLE": "mailstore", "MC_MAIL": str(mail),
+    env = {**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), "MC_MAIL": str(mail),
            **shim(tmp_path, df=FULL_DF, systemctl=f"echo systemctl $* >>{calls}",
                   **{"ecryptfs-add-passphrase": f'cat >/dev/null; echo "Inserted auth tok with sig [{OWN_SIG}] into the user session keyring"',
                      "systemd-creds": f"echo systemd-creds $* >>{calls}"})}

@@ -24,7 +24,12 @@ def test_list_shows_roles_and_contents():
 def test_show_prints_resolved_configuration():
     r = cli("show", "frontend")
     assert r.returncode == 0, r.stderr
-    assert "haproxy" in r.stdout and '"smtp": {"port": 25, "allow": ["world"]}' in r.stdout and "10-base.conf" in r.stdout
+    assert "haproxy" in r.stdout and '"smtp": {"port": 25, "allow": ["world"]}' in r.stdout
+    assert "    MC_ROLE=frontend" in r.stdout.splitlines()  # the constants its scripts read
+    # with --mkosi, also the rendered mkosi configuration
+    r = cli("show", "frontend", "--mkosi")
+    assert r.returncode == 0, r.stderr
+    assert "  --- 10-base.conf" in r.stdout and "input_hash: " in r.stdout
 
 
 def test_bad_site_file_exit_code_and_message(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from appliance import dns, paths
+from appliance.plan import Plan
 from appliance.errors import ConfigError
 from appliance.profiles import ProfileSet
 from appliance.credentials import Secrets, node_credentials, peers, public_key
@@ -27,7 +28,7 @@ def site_with(mutate=lambda d: None):
 
 
 def rendered(profiles, site, role, tmp_path, path) -> str:
-    out = render(site, role, profiles.compose(role), profiles.overlay_dir, tmp_path / role,
+    out = render(Plan.of(profiles, site, role), tmp_path / role,
                  Path("/nonexistent/cache"), Path("/nonexistent/pkgs"))
     return next(out.glob(f"trees/*/*/{path}")).read_text()
 
@@ -113,8 +114,8 @@ def test_images_do_not_depend_on_the_cluster_members(profiles, tmp_path):
     grown = site_with(lambda d: d["nodes"].extend([{"name": "filter3", "role": "filter", "address": "10.77.0.23"},
                                                    {"name": "store3", "role": "mailstore", "address": "10.77.0.33"}]))
     for role in ("frontend", "filter", "mailstore"):
-        a = render(site, role, profiles.compose(role), profiles.overlay_dir, tmp_path / "a" / role, Path("/c"), Path("/p"))
-        b = render(grown, role, profiles.compose(role), profiles.overlay_dir, tmp_path / "b" / role, Path("/c"), Path("/p"))
+        a = render(Plan.of(profiles, site, role), tmp_path / "a" / role, Path("/c"), Path("/p"))
+        b = render(Plan.of(profiles, grown, role), tmp_path / "b" / role, Path("/c"), Path("/p"))
         assert tree_hash(a) == tree_hash(b), role
 
 
@@ -154,4 +155,7 @@ def test_submission_through_the_frontend_lands_on_a_proxied_mailstore_port(profi
         block = master[master.index(f"\n{internal} "):].split("\n\n")[0]
         assert "smtpd_upstream_proxy_protocol=haproxy" in block and "smtpd_sasl_auth_enable=yes" in block
     nft = rendered(profiles, site, "mailstore", tmp_path, "etc/nftables.conf")
-    assert "ip saddr @frontends tcp dport { 10465, 10587 } accept" in nft
+    # from the frontends only, and nowhere else
+    assert re.findall(r"^\s*(.*tcp dport 10[45]\d\d.*)$", nft, re.M) == [
+        'ip saddr @frontends tcp dport 10465 accept comment "submissions-proxied from frontends"',
+        'ip saddr @frontends tcp dport 10587 accept comment "submission-proxied from frontends"']

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from appliance import paths
+from tests.tools import script_lib
 
 BASE = paths.OVERLAYS / "10-base"
 HANDLER = BASE / "usr/libexec/mailcluster/join-request"
@@ -36,7 +37,18 @@ def state(tmp_path):
     return tmp_path
 
 
-ENV = {**os.environ, "MC_ROLE": "frontend", "MC_LIB": str(BASE / "usr/lib/mailcluster")}
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    """/usr/lib/mailcluster as the frontend's image has it."""
+    return script_lib(tmp_path_factory.mktemp("lib"), "frontend")
+
+
+@pytest.fixture(autouse=True)
+def env(lib, monkeypatch):
+    monkeypatch.setitem(ENV, "MC_LIB", str(lib))
+
+
+ENV = dict(os.environ)
 
 
 def request(state, text: str, source: str, certified: str | None = None):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from appliance import paths
+from appliance.plan import Plan
 from appliance.errors import ConfigError
 from appliance.imagebuild import HOST_PATH
 from appliance.profiles import ProfileSet, resolved_partitions
@@ -71,7 +72,7 @@ def test_later_layers_win_and_lists_append(tree, tmp_path):
 
     ps = ProfileSet.load(tree / "profiles", tree / "overlays")
     site = load_site(tmp_path / "site.yaml", ps.roles)
-    out = render(site, "filter", ps.compose("filter"), ps.overlay_dir, tmp_path / "b",
+    out = render(Plan.of(ps, site, "filter"), tmp_path / "b",
                  tmp_path / "cache", tmp_path / "pkgs")
     summary = subprocess.run(["mkosi", "--directory", str(out), "--json", "summary"], capture_output=True,
                              text=True, env={**os.environ, "PATH": HOST_PATH}, check=True).stdout

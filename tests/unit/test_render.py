@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from appliance import paths
+from appliance.plan import Plan
 from appliance.errors import ConfigError
 from appliance.profiles import ProfileSet
 from appliance.render import render, tree_hash
@@ -23,7 +24,7 @@ def render_role(tree, role="filter", dest=None):
     ps = ProfileSet.load(tree / "profiles", tree / "overlays")
     site = load_site(paths.EXAMPLE_SITE, ps.roles)
     dest = dest or tree / "build" / role
-    return render(site, role, ps.compose(role), ps.overlay_dir, dest, Path("/nonexistent/cache"), Path("/nonexistent/pkgs"))
+    return render(Plan.of(ps, site, role), dest, Path("/nonexistent/cache"), Path("/nonexistent/pkgs"))
 
 
 def test_templates_render_from_the_site(tree):
@@ -69,7 +70,7 @@ def test_site_change_changes_only_affected_output(tree, tmp_path):
     p = tmp_path / "other.yaml"
     p.write_text(yaml.safe_dump(data))
     site = load_site(p, ps.roles)
-    out = render(site, "filter", ps.compose("filter"), ps.overlay_dir, tmp_path / "o", Path("/c"), Path("/p"))
+    out = render(Plan.of(ps, site, "filter"), tmp_path / "o", Path("/c"), Path("/p"))
     assert "mydomain = other.test" in next(out.glob("trees/*/30-postfix/etc/postfix/main.cf")).read_text()
 
 

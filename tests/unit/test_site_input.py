@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from appliance.plan import Plan
 from appliance import paths
 from appliance.errors import ConfigError
 from appliance.render import render
@@ -167,7 +168,7 @@ def test_check_lists_every_problem_offline(tmp_path):
 def test_time_servers_reach_timesyncd_and_bad_ones_are_refused(tmp_path):
     p = write_site(tmp_path, lambda d: d.update(time={"servers": ["ntp.example.test", "192.0.2.123"]}))
     ps = ProfileSet.load()
-    out = render(load_site(p, ROLES), "filter", ps.compose("filter"), ps.overlay_dir, tmp_path / "b",
+    out = render(Plan.of(ps, load_site(p, ROLES), "filter"), tmp_path / "b",
                  tmp_path / "c", tmp_path / "p")
     conf = next(out.glob("trees/*/10-base/etc/systemd/timesyncd.conf.d/50-mailcluster.conf")).read_text()
     assert "\nNTP=ntp.example.test 192.0.2.123\n" in conf

@@ -2,8 +2,9 @@
 private network, block/unblock, failing units reported at once, crash then start."""
 import pytest
 
-from appliance.profiles import resolved_ports
+from appliance.plan import Plan
 from appliance.qemu import wait_for_banner
+from tests.conftest import TEST_LAYERS
 
 # One xdist group: guests of different modules never compete for the 2 cores.
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -32,7 +33,7 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
         if m.execute(f"systemctl is-enabled {unit}")[1].strip() == "masked":
             continue  # the test layer masks the backup timer: tests start each backup
         m.wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
-    for name, p in resolved_ports(profiles.compose(role), site).items():
+    for name, p in Plan.of(profiles, site, role, TEST_LAYERS).ports.items():
         m.wait_for_open_port(p.port)
         # This host is outside the site: only the ports open to the world greet it (the
         # firewall tests in test_hardening.py check the others from inside the cluster).

@@ -8,13 +8,27 @@
 #   backup PRIMARY BACKUP           who keeps PRIMARY's encrypted backups
 # shellcheck shell=bash
 
-# (Overridable so that tests can run these scripts against a scratch directory.)
+# The image's plan, rendered by the builder (appliance/plan.py): this node's role
+# (MC_ROLE), every role (MC_ROLES), their member sets (MC_SET) and ports (MC_PORT_*).
+# (MC_LIB, MC_STATE: overridable so that tests can run these scripts against a scratch
+# directory.)
+# shellcheck source=plan.sh
+. "${MC_LIB:-/usr/lib/mailcluster}/plan.sh"
 MC_STATE=${MC_STATE:-/var/lib/mailcluster}
 MEMBERS=$MC_STATE/members
-MC_ROLE=${MC_ROLE:-$(cat /usr/lib/mailcluster/role)}
+
+# fail STATUS MESSAGE...: MESSAGE on stderr (after "$MC_WHO: ", for a command that sets
+# it), then exit with STATUS. die MESSAGE...: the same, with status 1.
+fail() {
+	local status=$1
+	shift
+	echo "${MC_WHO:+$MC_WHO: }$*" >&2
+	exit "$status"
+}
+die() { fail 1 "$@"; }
 
 valid_name() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
-valid_role() { [[ $1 == frontend || $1 == filter || $1 == mailstore ]]; }
+valid_role() { valid_name "$1" && [[ " ${MC_ROLES[*]} " == *" $1 "* ]]; }
 valid_state() { [[ $1 == active || $1 == standby ]]; }
 valid_user() { [[ $1 =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; }
 valid_ipv4() {
@@ -29,7 +43,7 @@ check_record() {
 	node)
 		(($# == 5)) || { echo "a node record has 5 fields (node NAME ROLE ADDRESS STATE), not $#"; return; }
 		valid_name "$2" || { echo "bad node name '$2'"; return; }
-		valid_role "$3" || { echo "bad role '$3' (frontend, filter or mailstore)"; return; }
+		valid_role "$3" || { echo "bad role '$3' (${MC_ROLES[*]})"; return; }
 		valid_ipv4 "$4" || { echo "bad IPv4 address '$4'"; return; }
 		valid_state "$5" || echo "bad state '$5' (active or standby)" ;;
 	user)
