@@ -65,6 +65,11 @@ def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
     assert "not paired with backup store2" in store1.journal("mailcluster-backup.service")
     # (store2 makes store1's account and its two empty directories when it boots)
     store2.wait_until_succeeds("test -d /var/lib/mailcluster/paired/store1 && id mcb-store1", timeout=300)
+    # ... before its sshd admits anyone: a primary pairing at that moment would find no
+    # account and be refused as if its secret were wrong.
+    made = int(store2.succeed("systemctl show -P ExecMainExitTimestampMonotonic mailcluster-backup-accounts.service"))
+    sshd = int(store2.succeed("systemctl show -P ExecMainStartTimestampMonotonic ssh.service"))
+    assert 0 < made <= sshd, f"accounts made at {made} µs, sshd started at {sshd} µs"
     reached = store2.succeed("find /srv/mail/backups/store1 /var/lib/mailcluster/paired/store1 -mindepth 1")
     assert reached == "", f"something reached the backup: {reached}"
 
