@@ -118,9 +118,11 @@ def check(obj: Context) -> None:
               help="Default: frontend when the site has one, else round-robin.")
 @click.pass_obj
 def dns(obj: Context, topology: str | None) -> None:
-    """Print the MX, A and SPF records the site's domains need."""
+    """Print the DNS records the site's domains need: MX, A, SPF, DKIM (each domain's
+    current selector; the keys are made in the site's secrets on first use) and DMARC."""
+    from .credentials import Secrets
     from .dns import records
-    click.echo(records(obj.site, topology), nl=False)
+    click.echo(records(obj.site, topology, Secrets.of(obj.site)), nl=False)
 
 
 @main.command()

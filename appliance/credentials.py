@@ -24,9 +24,13 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.pairing-key.PRIMARY a backup mailstore: the same secret, for each primary
   mailcluster.backup              mailstore in a backup pair: lines schedule= (OnCalendar=,
                                   primary only), recent=, daily=, monthly= (retention)
+  mailcluster.dkim-key.DOMAIN     filter: the private key that signs DOMAIN's outgoing mail
+  mailcluster.dkim-selectors      filter: "DOMAIN SELECTOR" per line, the selector each
+                                  domain signs with (its public key: ./build.py dns)
 """
 from __future__ import annotations
 
+import base64
 import os
 import secrets as pysecrets
 import subprocess
@@ -100,6 +104,15 @@ class Secrets:
         """The secret a primary mailstore and its backup share: an ed25519 SSH key."""
         return self.get_or_create("pairs", f"{primary}.pairing-key", make=lambda: ssh_key(f"mailcluster-pairing {primary}"))
 
+    def dkim_selector(self, domain: str) -> str:
+        """The selector DOMAIN's outgoing mail is signed with now."""
+        return self.get_or_create("dkim", domain, "selector", make=lambda: f"{DKIM_FIRST_SELECTOR}\n").strip()
+
+    def dkim_key(self, domain: str, selector: str | None = None) -> str:
+        """The private key of DOMAIN's selector (default: the current one)."""
+        selector = selector or self.dkim_selector(domain)
+        return self.get_or_create("dkim", domain, f"{selector}.key", make=dkim_private_key)
+
     def mailstore_key(self, node: str) -> str:
         # 32 random bytes as text: eCryptfs derives the file-encryption key from it.
         return self.get_or_create("nodes", node, "ecryptfs.passphrase", make=lambda: pysecrets.token_hex(32))
@@ -112,6 +125,24 @@ def ssh_key(comment: str) -> str:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
                        check=True, capture_output=True)
         return key.read_text()
+
+
+# A new site's first DKIM selector; a rotation moves to the next.
+DKIM_FIRST_SELECTOR = "mc1"
+
+
+def dkim_private_key() -> str:
+    """RSA 2048: what every receiver verifies (Ed25519 signatures, RFC 8463, are not
+    checked by the large providers yet). PEM, through a pipe: never a file elsewhere."""
+    return subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def dkim_public_key(private: str) -> str:
+    """The p= value of a DKIM record: the public key, DER, base64."""
+    der = subprocess.run(["openssl", "pkey", "-pubout", "-outform", "DER"], input=private.encode(),
+                         check=True, capture_output=True).stdout
+    return base64.b64encode(der).decode()
 
 
 def public_key(private: str) -> str:
@@ -180,6 +211,12 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "mailcluster.cluster-cert": secrets.cluster_cert(node).encode(),
         "mailcluster.node-ca": secrets.node_ca_public().encode(),
     }
+    if node.role == "filter":
+        # Outgoing mail leaves through the filters, which sign it (rspamd's dkim_signing).
+        for domain in site.mail_domains:
+            creds[f"mailcluster.dkim-key.{domain}"] = secrets.dkim_key(domain).encode()
+        creds["mailcluster.dkim-selectors"] = "".join(
+            f"{d} {secrets.dkim_selector(d)}\n" for d in site.mail_domains).encode()
     if node.role == "mailstore":
         creds["mailcluster.mailstore-key"] = secrets.mailstore_key(node.name).encode()
         creds["mailcluster.mail-users"] = mail_users(site, secrets).encode()

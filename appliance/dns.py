@@ -1,4 +1,4 @@
-"""The DNS records a site needs, for either inbound topology.
+"""The DNS records a site needs, for either inbound topology: MX, A, SPF, DKIM, DMARC.
 
 frontend: the MX points at the frontends; HAProxy spreads connections over the filters.
 round-robin: no frontend; one MX name with an A record per filter, so resolvers rotate
@@ -6,8 +6,13 @@ over them and senders retry the next address when one is down.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import ConfigError
 from .site import Node, Site
+
+if TYPE_CHECKING:
+    from .credentials import Secrets
 
 TTL = 3600
 
@@ -18,7 +23,28 @@ def _addr(node: Node) -> tuple[str, str]:
     return str(node.address), "  ; cluster address: set nodes[].public_address for the real one"
 
 
-def records(site: Site, topology: str | None = None) -> str:
+def txt(value: str) -> str:
+    """A TXT record's data: strings of at most 255 characters (RFC 1035), which a
+    verifier joins back together (a 2048-bit DKIM key does not fit in one)."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+
+
+def dkim_records(site: Site, secrets: "Secrets") -> dict[str, str]:
+    """Each domain's current DKIM record: owner name -> TXT value (as one string)."""
+    from .credentials import dkim_public_key
+
+    return {f"{secrets.dkim_selector(d)}._domainkey.{d}.": f"v=DKIM1; k=rsa; p={dkim_public_key(secrets.dkim_key(d))}"
+            for d in site.mail_domains}
+
+
+def dmarc_record(site: Site) -> str:
+    value = f"v=DMARC1; p={site.dmarc.policy}"
+    if site.dmarc.reports:
+        value += f"; rua=mailto:{site.dmarc.reports}"
+    return value
+
+
+def records(site: Site, topology: str | None = None, secrets: "Secrets | None" = None) -> str:
     frontends, filters = site.nodes_with_role("frontend"), site.nodes_with_role("filter")
     topology = topology or ("frontend" if frontends else "round-robin")
     if topology == "frontend":
@@ -58,4 +84,12 @@ def records(site: Site, topology: str | None = None) -> str:
     out.append("")
     for domain in site.mail_domains:
         out.append(f'{domain}.\tIN TXT\t"v=spf1 {senders} -all"')
+    if secrets is not None:
+        # The filters sign outgoing mail with each domain's current selector.
+        out.append("")
+        for name, value in dkim_records(site, secrets).items():
+            out.append(f"{name}\tIN TXT\t{txt(value)}")
+    out.append("")
+    for domain in site.mail_domains:
+        out.append(f"_dmarc.{domain}.\tIN TXT\t{txt(dmarc_record(site))}")
     return "\n".join(out) + "\n"

@@ -97,8 +97,11 @@ class Node(_Model):
         default=None, description="address the Internet reaches this node at (frontends, MX filters); for DNS records")
 
 
+MailAddress = Annotated[str, StringConstraints(pattern=r"^[a-z0-9._+-]+@[a-z0-9.-]+$", max_length=254)]
+
+
 class User(_Model):
-    address: Annotated[str, StringConstraints(pattern=r"^[a-z0-9._+-]+@[a-z0-9.-]+$")]
+    address: MailAddress
     quota: Size = "1G"
     # A crypt(3)-style hash ({ARGON2ID}/{SHA512-CRYPT}); never a plaintext password.
     # Missing: the builder generates a password into the site's secrets directory.
@@ -217,6 +220,14 @@ class Tls(_Model):
         return self
 
 
+class Dmarc(_Model):
+    """What receivers do with mail that claims a site domain but fails SPF and DKIM
+    (published by ./build.py dns as each domain's _dmarc record)."""
+    policy: Literal["none", "quarantine", "reject"] = Field(
+        default="none", description="none: only report (start here, read the reports, then tighten)")
+    reports: MailAddress | None = Field(default=None, description="where receivers send aggregate reports (rua)")
+
+
 class Time(_Model):
     servers: list[DomainName | ipaddress.IPv4Address] = Field(
         default=[], max_length=16, description="NTP servers for every node; default: Debian's pool")
@@ -239,6 +250,7 @@ class Site(_Model):
     filter: Filter = Filter()
     frontend: Frontend = Frontend()
     tls: Tls = Tls()
+    dmarc: Dmarc = Dmarc()
     retention: Retention = Retention()
     time: Time = Time()
     image: Image = Image()

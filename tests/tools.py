@@ -43,6 +43,18 @@ def script_lib(dest: Path, role: str, *libraries: Path) -> Path:
     return dest
 
 
+def zone_txt(zone: str) -> dict[str, bytes]:
+    """The TXT records of a zone fragment (./build.py dns), owner name -> data with its
+    strings joined, as a resolver hands them to a DKIM verifier."""
+    import re
+
+    out = {}
+    for line in zone.splitlines():
+        if m := re.match(r"^(\S+)\s+IN\s+TXT\s+(.*)$", line):
+            out[m[1]] = "".join(re.findall(r'"([^"]*)"', m[2])).encode()
+    return out
+
+
 def digest(path: Path, length: int | None = None, offset: int = 0) -> str:
     """sha256 of a file or device (`length` bytes from `offset`; default: to the end)."""
     h = hashlib.sha256()

@@ -167,6 +167,16 @@ def queued(m: Machine) -> int:
     return len({json.loads(line)["queue_id"] for line in m.succeed("postqueue -j").splitlines() if line.strip()})
 
 
+def queued_message(m: Machine, recipient: str) -> bytes:
+    """The message in `m`'s Postfix queue for `recipient`, as it would leave: headers
+    (those a milter added included) and body."""
+    for line in m.succeed("postqueue -j").splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        if any(r["address"] == recipient for r in entry.get("recipients", [])):
+            return m.succeed(f"postcat -bh -q {entry['queue_id']}").encode()
+    raise AssertionError(f"{m.name} queues no message for {recipient}:\n" + m.execute("postqueue -p")[1])
+
+
 def backend_status(c, backend: str = "filters_25") -> dict[str, str]:
     """HAProxy's view of each server of `backend`, from the stats endpoint on the admin network."""
     fe = c["fe1"]
@@ -186,22 +196,23 @@ def wait_backends(c, wanted: dict[str, str], timeout: float = 120, backend: str 
         raise AssertionError(f"HAProxy reports {e.last} in {backend}, expected {wanted}") from None
 
 
-def message(rcpt: str, token: str, extra: str = "") -> str:
-    return (f"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
+def message(rcpt: str, token: str, extra: str = "", sender: str = "sender@example.org") -> str:
+    return (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
             f"Date: {email.utils.formatdate()}\r\n"
             f"Message-ID: <{token}@example.org>\r\n\r\nunique body token {token}\r\n{extra}")
 
 
-def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org") -> list[str]:
+def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org",
+         sender: str = "sender@example.org") -> list[str]:
     """One SMTP session from the host to the frontend's port 25; returns the tokens whose
     message the server answered with 250 after DATA (a refused one is left out)."""
     acked = []
     with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname=helo, timeout=180) as s:
         s.ehlo()
         for rcpt, token in messages:
-            replies = [s.mail("sender@example.org"), s.rcpt(rcpt)]
+            replies = [s.mail(sender), s.rcpt(rcpt)]
             if [code for code, _ in replies] == [250, 250]:
-                replies.append(s.data(message(rcpt, token).encode("ascii")))
+                replies.append(s.data(message(rcpt, token, sender=sender).encode("ascii")))
             if replies[-1][0] == 250 and len(replies) == 3:
                 acked.append(token)
             else:

@@ -5,17 +5,22 @@ down: test_mailstore.py, during the mailstore's clean reboot.)"""
 from __future__ import annotations
 
 import concurrent.futures
+import email
 import re
 import smtplib
 import socket
 import ssl
 
+import dkim
 import pytest
+from dkim.util import parse_tag_value
 
+from appliance import dns
 from appliance.qemu import USER_NET_HOST
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
-from tests.vm.mail import (FILTERS, USERS, message, new_tokens, queued, send, send_in_sessions,
+from tests.tools import zone_txt
+from tests.vm.mail import (FILTERS, USERS, message, new_tokens, queued, queued_message, send, send_in_sessions,
                            wait_backends, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -66,6 +71,17 @@ def test_mail_reaches_the_mailbox_and_the_filter_logs_the_real_client(cluster):
     assert f"[{frontend}]" not in log and f"ip: {frontend}" not in log
     # rspamd scanned it and recorded the same client address
     assert re.search(rf"\bip: {re.escape(USER_NET_HOST)}\b", log), f"rspamd did not log the client:\n{log}"
+
+
+def test_mail_from_outside_gets_no_signature_of_ours_even_claiming_a_site_domain(cluster):
+    """Only what the mailstores send out is signed. (Here the filters see the sender's
+    address as a private one, which rspamd would count as local and sign by default.)"""
+    rcpt, token = new_tokens(1)[0]
+    assert send(cluster, [(rcpt, token)], sender=USERS[0]) == [token]
+    wait_in_mailboxes(cluster, [token])
+    (log,) = handled_by(cluster, token).values()
+    assert re.search(rf"\bip: {re.escape(USER_NET_HOST)}\b", log), f"no rspamd verdict for the message:\n{log}"
+    assert "DKIM_SIGNED" not in log, log
 
 
 def test_the_endpoints_run_cluster_prints_take_mail_and_serve_it(cluster):
@@ -241,7 +257,17 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
         raise AssertionError(f"no filter relayed the message (their logs of it: {e.last});"
                              " mailstore queue:\n" + store.execute("postqueue -p")[1]) from None
     assert "postfix/outbound" in log and "to=<friend@example.net>" in log, log
+    assert "DKIM_SIGNED" in log, log  # rspamd's own account (the inbound test reads it)
+    # Signed on its way out, with the domain's key: a verifier that knows only the DNS
+    # records ./build.py dns prints accepts the signature.
+    sent = queued_message(cluster[name], "friend@example.net")
     cluster[name].succeed("postsuper -d ALL")  # it cannot leave this test network
+    published = zone_txt(dns.records(cluster.site, None, secrets))
+    signature = dkim.DKIM(sent)
+    assert signature.verify(dnsfunc=lambda name, timeout=5: published.get(name.decode(), b"")), (
+        f"DKIM verification failed: {signature.logger}\n{sent.decode(errors='replace')[:3000]}")
+    tags = parse_tag_value(email.message_from_bytes(sent)["DKIM-Signature"].encode())
+    assert (tags[b"d"], tags[b"s"]) == (b"example.test", secrets.dkim_selector("example.test").encode()), tags
 
 
 def test_submission_through_the_frontend_reaches_the_mailstore_with_the_users_address(cluster):
