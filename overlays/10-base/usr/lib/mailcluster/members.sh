@@ -10,11 +10,12 @@
 
 # The image's plan, rendered by the builder (appliance/plan.py): this node's role
 # (MC_ROLE), every role (MC_ROLES), their member sets (MC_SET) and ports (MC_PORT_*).
-# (MC_LIB, MC_STATE: overridable so that tests can run these scripts against a scratch
-# directory.)
+# (MC_LIB, MC_STATE, MC_ETC: overridable so that tests can run these scripts against
+# scratch directories.)
 # shellcheck source=plan.sh
 . "${MC_LIB:-/usr/lib/mailcluster}/plan.sh"
 MC_STATE=${MC_STATE:-/var/lib/mailcluster}
+MC_ETC=${MC_ETC:-/etc}
 MEMBERS=$MC_STATE/members
 
 # fail STATUS MESSAGE...: MESSAGE on stderr (after "$MC_WHO: ", for a command that sets
@@ -26,6 +27,19 @@ fail() {
 	exit "$status"
 }
 die() { fail 1 "$@"; }
+
+# put FILE [MODE]: stdin into FILE atomically (a reader sees the old content or the new,
+# never part of either), with MODE (default 0644). Only from input that cannot fail
+# half-way (a file, a variable): in a pipeline, a failing producer would not stop it.
+put() {
+	cat >"$1.new" && chmod "${2:-0644}" "$1.new" && mv -T "$1.new" "$1"
+}
+# update FILE: stdin into FILE atomically; true only if the content changed.
+update() {
+	cat >"$1.new" || return 2
+	if cmp -s "$1.new" "$1"; then rm -f "$1.new"; return 1; fi
+	mv -T "$1.new" "$1"
+}
 
 valid_name() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
 valid_role() { valid_name "$1" && [[ " ${MC_ROLES[*]} " == *" $1 "* ]]; }
@@ -115,5 +129,5 @@ back_off() {
 
 # replace_members SCRIPT: rewrites the members file through awk SCRIPT, atomically.
 replace_members() {
-	awk "$@" "$MEMBERS" >"$MEMBERS.new" && mv "$MEMBERS.new" "$MEMBERS"
+	awk "$@" "$MEMBERS" >"$MEMBERS.new" && mv -T "$MEMBERS.new" "$MEMBERS"
 }
