@@ -178,14 +178,15 @@ def mail_users(site: Site, secrets: Secrets) -> str:
 
 
 def peers(site: Site) -> str:
-    """The mailcluster.peers credential: every node, where each user's mail lives, and
-    who backs up whom. A backup mailstore starts as standby: it holds no mailboxes
+    """The mailcluster.peers credential: every node, where each user's mail lives, the
+    aliases, and who backs up whom. A backup mailstore starts as standby: it holds no mailboxes
     until it takes over."""
     backups = {p.backup for p in site.backups}
     lines = [f"# cluster {site.name}, as the site file describes it\n"]
     lines += [f"node {n.name} {n.role} {n.address} {'standby' if n.name in backups else 'active'}\n"
               for n in site.nodes]
     lines += [f"user {u.address} {site.mailstore_of(u)}\n" for u in site.users]
+    lines += [f"alias {address} {','.join(targets)}\n" for address, targets in site.all_aliases.items()]
     lines += [f"backup {p.primary} {p.backup}\n" for p in site.backups]
     return "".join(lines)
 

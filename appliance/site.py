@@ -220,6 +220,18 @@ class Tls(_Model):
         return self
 
 
+class Alias(_Model):
+    """An address of a site domain that delivers to others: users of the site, or
+    addresses elsewhere (forwarded through the filters)."""
+    address: MailAddress
+    to: list[MailAddress] = Field(min_length=1, max_length=100)
+
+
+# Every domain has these (RFC 5321 postmaster, RFC 2142 abuse); the site's `postmaster`
+# receives them unless the site makes one a user or an alias of its own.
+REQUIRED_ALIASES = ("postmaster", "abuse")
+
+
 class Dmarc(_Model):
     """What receivers do with mail that claims a site domain but fails SPF and DKIM
     (published by ./build.py dns as each domain's _dmarc record)."""
@@ -246,6 +258,9 @@ class Site(_Model):
     network: Network
     nodes: list[Node] = Field(min_length=1)
     users: list[User] = []
+    aliases: list[Alias] = []
+    postmaster: MailAddress | None = Field(
+        default=None, description="who gets postmaster@ and abuse@ of every domain; default: the first user")
     backups: list[BackupPair] = []
     filter: Filter = Filter()
     frontend: Frontend = Frontend()
@@ -291,6 +306,20 @@ class Site(_Model):
         if not self.nodes_with_role("frontend"):
             return {}
         return {p: PROXIED_SUBMISSION[p] for p in self.frontend.ports if p in PROXIED_SUBMISSION}
+
+    @property
+    def all_aliases(self) -> dict[str, list[str]]:
+        """Every alias address -> its targets: the site's, then postmaster@ and abuse@ of
+        each domain that does not have its own (to `postmaster`, or the first user)."""
+        out = {a.address: list(a.to) for a in self.aliases}
+        taken = set(out) | {u.address for u in self.users}
+        receiver = self.postmaster or (self.users[0].address if self.users else None)
+        if receiver is not None:
+            for domain in self.mail_domains:
+                for local in REQUIRED_ALIASES:
+                    if f"{local}@{domain}" not in taken:
+                        out[f"{local}@{domain}"] = [receiver]
+        return out
 
     @property
     def active_mailstores(self) -> list[Node]:
@@ -366,6 +395,22 @@ class Site(_Model):
                     problems.append((f"users[{i}].mailstore", f"{u.mailstore!r} is a backup mailstore; mailboxes live on primaries"))
         if len({u.address for u in self.users}) != len(self.users):
             problems.append(("users", "duplicate user address"))
+        users, seen_aliases = {u.address for u in self.users}, set()
+        for i, a in enumerate(self.aliases):
+            domain = a.address.split("@", 1)[1]
+            if domain not in self.mail_domains:
+                problems.append((f"aliases[{i}].address", f"domain {domain!r} is not one of the site's domains {self.mail_domains}"))
+            if a.address in users:
+                problems.append((f"aliases[{i}].address", f"{a.address} is a user; an address is a user or an alias"))
+            if a.address in seen_aliases:
+                problems.append((f"aliases[{i}].address", f"{a.address} is listed twice"))
+            seen_aliases.add(a.address)
+            for j, target in enumerate(a.to):
+                if target.split("@", 1)[1] in self.mail_domains and target not in users and target not in \
+                        {b.address for b in self.aliases}:
+                    problems.append((f"aliases[{i}].to[{j}]", f"{target} is no user or alias of this site"))
+        if self.postmaster is None and not self.users and self.aliases:
+            problems.append(("postmaster", "nobody receives postmaster@ and abuse@: name a postmaster or add a user"))
         if problems:
             raise ValueError("\n".join(f"{k}: {v}" for k, v in problems))
         return self

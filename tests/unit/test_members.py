@@ -21,6 +21,8 @@ node store1 mailstore 10.77.0.31 active
 node store2 mailstore 10.77.0.32 standby
 user alice@example.test store1
 user bob@example.test store1
+alias postmaster@example.test alice@example.test
+alias team@example.test alice@example.test,bob@example.test,friend@example.net
 backup store1 store2
 """
 
@@ -112,8 +114,12 @@ def test_a_forgotten_node_leaves_the_membership_and_the_daemons(tmp_path):
 def test_the_filter_is_given_recipients_routes_and_who_may_send_out(tmp_path):
     node = Node(tmp_path, "filter")
     r = node.run("apply")
-    assert "membership applied: 5 nodes, 2 users" in r.stdout
-    assert node.etc_file("postfix/relay_recipients") == "alice@example.test OK\nbob@example.test OK\n"
+    assert "membership applied: 5 nodes, 2 users, 2 aliases" in r.stdout
+    assert node.etc_file("postfix/relay_recipients") == ("alice@example.test OK\nbob@example.test OK\n"
+                                                         "postmaster@example.test OK\nteam@example.test OK\n")
+    assert node.etc_file("postfix/virtual") == (
+        "postmaster@example.test alice@example.test\n"
+        "team@example.test alice@example.test, bob@example.test, friend@example.net\n")
     assert node.etc_file("postfix/transport") == ("alice@example.test relay:[10.77.0.31]:25\n"
                                                   "bob@example.test relay:[10.77.0.31]:25\n")
     assert node.etc_file("postfix/postscreen_access.cidr") == "10.77.0.10/32 permit\n"
@@ -129,6 +135,8 @@ def test_the_mailstore_sends_out_through_every_filter_on_their_outbound_port(tmp
     node = Node(tmp_path, "mailstore")
     node.run("apply")
     assert node.etc_file("postfix/filters.cidr") == "10.77.0.21/32 OK\n10.77.0.22/32 OK\n"
+    # what its own users send to an alias reaches the targets too
+    assert node.etc_file("postfix/virtual").splitlines()[0] == "postmaster@example.test alice@example.test"
     assert "postconf -e relayhost = [10.77.0.21]:10025, [10.77.0.22]:10025" in node.called()
     assert "postfix reload" in node.called()
 
@@ -156,3 +164,18 @@ def test_every_role_admits_each_roles_active_members_in_its_firewall(tmp_path, r
                    "flush set inet filter frontends\nadd element inet filter frontends { 10.77.0.10 }\n"
                    "flush set inet filter mailstores\nadd element inet filter mailstores { 10.77.0.31 }\n")
     assert f"nft -f {node.state}/members.nft" in node.called()
+
+
+@pytest.mark.parametrize("record,problem", [
+    ("alias team@example.test alice@example.test,bob@example.test", ""),
+    ("alias team@example.test", "an alias record has 3 fields (alias ADDRESS TARGET[,TARGET...]), not 2"),
+    ("alias team@example.test alice@example.test,|/bin/sh", "bad alias target '|/bin/sh'"),
+    ("alias team@example.test alice@example.test,", ""),  # (read -a drops an empty last field)
+    ("alias /etc/passwd alice@example.test", "bad mail address '/etc/passwd'"),
+])
+def test_an_alias_record_is_checked_before_it_reaches_postfix(tmp_path, record, problem):
+    lib = script_lib(tmp_path / "lib", "filter")
+    # (split into fields as check_members splits a line of the file)
+    r = subprocess.run(["bash", "-c", '. "$MC_LIB/members.sh"; check_record $RECORD'], capture_output=True, text=True,
+                       env={**os.environ, "MC_LIB": str(lib), "MC_STATE": str(tmp_path), "RECORD": record})
+    assert r.stdout.strip() == problem

@@ -132,3 +132,27 @@ def test_frontend_ports_are_smtp_or_submission_and_listed_once(tmp_path):
     assert "frontend.ports[1]" in msg
     msg = error_of(tmp_path, lambda d: d["frontend"].update(ports=[25, 587, 587]))
     assert "frontend.ports" in msg and "twice" in msg
+
+
+def test_every_domain_gets_postmaster_and_abuse_unless_the_site_has_its_own(tmp_path):
+    site = load_site(write_site(tmp_path, lambda d: d.update(domains=["example.org"], aliases=[
+        {"address": "abuse@example.org", "to": ["bob@example.test"]}])), ROLES)
+    assert site.all_aliases == {
+        "abuse@example.org": ["bob@example.test"],
+        "postmaster@example.test": ["alice@example.test"], "abuse@example.test": ["alice@example.test"],
+        "postmaster@example.org": ["alice@example.test"]}
+    named = load_site(write_site(tmp_path, lambda d: d.update(postmaster="ops@elsewhere.test")), ROLES)
+    assert named.all_aliases["postmaster@example.test"] == ["ops@elsewhere.test"]
+
+
+@pytest.mark.parametrize("alias,problem", [
+    ({"address": "team@elsewhere.test", "to": ["alice@example.test"]}, "aliases[1].address: domain 'elsewhere.test'"),
+    ({"address": "bob@example.test", "to": ["alice@example.test"]}, "aliases[1].address: bob@example.test is a user"),
+    ({"address": "team@example.test", "to": ["alice@example.test"]}, "aliases[1].address: team@example.test is listed twice"),
+    ({"address": "sales@example.test", "to": ["nobody@example.test"]},
+     "aliases[1].to[0]: nobody@example.test is no user or alias of this site"),
+    ({"address": "sales@example.test", "to": []}, "aliases[1].to"),
+    ({"address": "sales@example.test", "to": ["|/bin/sh"]}, "aliases[1].to[0]"),
+])
+def test_a_bad_alias_is_refused_with_its_place(tmp_path, alias, problem):
+    assert problem in error_of(tmp_path, lambda d: d["aliases"].append(alias))

@@ -20,7 +20,7 @@ from appliance.qemu import USER_NET_HOST
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests.tools import zone_txt
-from tests.vm.mail import (FILTERS, USERS, message, new_tokens, queued, queued_message, send, send_in_sessions,
+from tests.vm.mail import (FILTERS, USERS, imap_tokens, message, new_tokens, queued, queued_message, send, send_in_sessions,
                            wait_backends, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -82,6 +82,24 @@ def test_mail_from_outside_gets_no_signature_of_ours_even_claiming_a_site_domain
     (log,) = handled_by(cluster, token).values()
     assert re.search(rf"\bip: {re.escape(USER_NET_HOST)}\b", log), f"no rspamd verdict for the message:\n{log}"
     assert "DKIM_SIGNED" not in log, log
+
+
+def test_postmaster_and_an_alias_deliver_to_their_targets(cluster):
+    """postmaster@ (every domain has it) reaches the site's postmaster, the first user;
+    the example site's team@ reaches alice and bob. (An unknown address is still refused
+    at RCPT: test_relaying_and_unknown_recipients_are_refused.)"""
+    (_, to_postmaster), (_, to_team) = new_tokens(2)
+    assert send(cluster, [("postmaster@example.test", to_postmaster), ("team@example.test", to_team)]) == [
+        to_postmaster, to_team]
+    alice, bob = USERS[0], USERS[1]
+    secrets = cluster.secrets
+    try:
+        got = retry(lambda last: {u: imap_tokens(cluster["store1"], secrets, u) for u in (alice, bob)}, timeout=300,
+                    interval=3, until=lambda seen: to_team in seen[bob] and {to_postmaster, to_team} <= set(seen[alice]))
+    except Timeout as e:
+        raise AssertionError(f"mailboxes: {e.last}") from None
+    assert got[alice].count(to_postmaster) == 1 and got[alice].count(to_team) == 1
+    assert to_postmaster not in got[bob] and got[bob].count(to_team) == 1
 
 
 def test_the_endpoints_run_cluster_prints_take_mail_and_serve_it(cluster):

@@ -5,6 +5,7 @@
 # changes only through authenticated announcements (join-request). One record per line:
 #   node NAME ROLE ADDRESS STATE    STATE: active | standby (a backup mailstore)
 #   user ADDRESS MAILSTORE          where the filters deliver ADDRESS's mail
+#   alias ADDRESS TARGET[,TARGET]   mail to ADDRESS goes to the TARGETs instead
 #   backup PRIMARY BACKUP           who keeps PRIMARY's encrypted backups
 # shellcheck shell=bash
 
@@ -64,6 +65,12 @@ check_record() {
 		(($# == 3)) || { echo "a user record has 3 fields (user ADDRESS MAILSTORE), not $#"; return; }
 		valid_user "$2" || { echo "bad mail address '$2'"; return; }
 		valid_name "$3" || echo "bad mailstore name '$3'" ;;
+	alias)
+		(($# == 3)) || { echo "an alias record has 3 fields (alias ADDRESS TARGET[,TARGET...]), not $#"; return; }
+		valid_user "$2" || { echo "bad mail address '$2'"; return; }
+		local target targets
+		IFS=, read -ra targets <<<"$3"
+		for target in "${targets[@]}"; do valid_user "$target" || { echo "bad alias target '$target'"; return; }; done ;;
 	backup)
 		(($# == 3)) || { echo "a backup record has 3 fields (backup PRIMARY BACKUP), not $#"; return; }
 		valid_name "$2" && valid_name "$3" || echo "bad node name in '$*'" ;;
