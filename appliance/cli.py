@@ -231,7 +231,7 @@ def show(obj: Context, role: str, layers: tuple[str, ...], as_json: bool, with_m
 def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: bool, memory: int) -> None:
     """Boot ROLE's image in QEMU with its serial console on this terminal, or with
     --cluster every node of the site, until the cluster accepts mail."""
-    from .credentials import Secrets, node_credentials
+    from .credentials import node_credentials
 
     site = obj.site
     if cluster:
@@ -257,7 +257,7 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
     spec = qemu.VMSpec(
         name=target.name, image=image, state_dir=image.parent / "run" / target.name,
         memory_mb=memory, forwards={p: qemu.free_port() for p in plan.forwarded_ports},
-        credentials=node_credentials(site, target, None, Secrets.of(site)), interactive=True,
+        credentials=node_credentials(site, target, None, plan.secrets), interactive=True,
     )
     existing = spec.disk.exists() and not fresh
     qemu.prepare(spec, fresh=not existing)

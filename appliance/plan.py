@@ -14,11 +14,14 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import paths
 from .profiles import MkosiValue, Partition, Port, Profile, ProfileSet, Services, member_set, resolved_partitions
 from .site import Site
+
+if TYPE_CHECKING:
+    from .credentials import Secrets
 
 # Where the images' scripts find the plan (members.sh sources it).
 CONSTANTS_PATH = "usr/lib/mailcluster/plan.sh"
@@ -83,6 +86,13 @@ class Plan:
         """Where `./build.py build` puts this image (and `run`, `publish` find it)."""
         return root / self.site.name / f"{self.variant}.raw"
 
+    @property
+    def secrets(self) -> "Secrets":
+        """The site's secrets (keys, passwords), where every command keeps them."""
+        from .credentials import Secrets
+
+        return Secrets.of(self.site)
+
     def manifest(self, root: Path = paths.IMAGES) -> Path:
         return root / self.site.name / f"{self.variant}.manifest.json"
 
@@ -136,6 +146,7 @@ class Plan:
             "site": self.site.name,
             "variant": self.variant,
             "image": str(self.image()),
+            "secrets": str(self.secrets.root),
             "layers": [l.name for l in self.layers],
             "packages": self.packages,
             "services": self.services.model_dump(),

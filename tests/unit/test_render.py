@@ -66,7 +66,7 @@ def test_site_change_changes_only_affected_output(tree, tmp_path):
     ps = ProfileSet.load(tree / "profiles", tree / "overlays")
     data = yaml.safe_load(paths.EXAMPLE_SITE.read_text())
     data["domain"] = "other.test"
-    data["users"] = []
+    data["users"], data["aliases"] = [], []
     p = tmp_path / "other.yaml"
     p.write_text(yaml.safe_dump(data))
     site = load_site(p, ps.roles)
