@@ -106,9 +106,11 @@ class Builder:
         return Plan.of(self.profiles, self.site, role, extra)
 
     def render(self, role: str, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
-        plan = self.plan(role, extra)
+        return self._render(self.plan(role, extra))
+
+    def _render(self, plan: Plan) -> tuple[Path, str]:
         dest = self.build_root / self.site.name / plan.variant
-        render(plan, dest, paths.MKOSI_CACHE / role, paths.PACKAGE_CACHE, self.initrd_path())
+        render(plan, dest, paths.MKOSI_CACHE / plan.role, paths.PACKAGE_CACHE, self.initrd_path())
         return dest, tree_hash(dest, self._salt())
 
     def _initrd_config(self) -> tuple[Path, Path]:
@@ -166,7 +168,7 @@ class Builder:
 
     def _build_locked(self, plan: Plan, refresh: bool) -> Artifact:
         role, variant = plan.role, plan.variant
-        builddir, digest = self.render(role, plan.extra)
+        builddir, digest = self._render(plan)
         store = paths.STORE / digest
         if not refresh and (store / "complete").exists():
             self.log(f"{variant}: up to date ({digest[:12]}), reusing {store}")

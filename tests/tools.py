@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from appliance.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,10 +28,11 @@ def loop_device(backing: Path, size: int) -> Iterator[Path]:
         subprocess.run(["losetup", "-d", str(path)], capture_output=True)
 
 
-def script_lib(dest: Path, role: str, *libraries: Path) -> Path:
+def script_lib(dest: Path, role: "str | Plan", *libraries: Path) -> Path:
     """A directory laid out as /usr/lib/mailcluster is in `role`'s image on the example
-    site: the shell libraries named (linked from overlays/) and the plan's constants
-    (appliance/plan.py) that members.sh sources. For host tests of the images' scripts."""
+    site (or in the image of the plan given): the shell libraries named (linked from
+    overlays/) and the plan's constants (appliance/plan.py) that members.sh sources. For
+    host tests of the images' scripts."""
     from appliance import paths
     from appliance.plan import Plan
     from appliance.profiles import ProfileSet
@@ -37,9 +41,10 @@ def script_lib(dest: Path, role: str, *libraries: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for lib in (paths.OVERLAYS / "10-base/usr/lib/mailcluster/members.sh", *libraries):
         (dest / lib.name).symlink_to(lib)
-    profiles = ProfileSet.load()
-    plan = Plan.of(profiles, load_site(paths.EXAMPLE_SITE, profiles.roles), role)
-    (dest / "plan.sh").write_text(plan.constants())
+    if isinstance(role, str):
+        profiles = ProfileSet.load()
+        role = Plan.of(profiles, load_site(paths.EXAMPLE_SITE, profiles.roles), role)
+    (dest / "plan.sh").write_text(role.constants())
     return dest
 
 

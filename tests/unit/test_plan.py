@@ -77,14 +77,6 @@ def run(script: Path, lib: Path, state: Path, *args: str, **env: str) -> subproc
                           env={**os.environ, "MC_LIB": str(lib), "MC_STATE": str(state), **env})
 
 
-def plan_lib(tmp_path: Path, plan: Plan) -> Path:
-    lib = tmp_path / f"lib-{plan.role}"
-    lib.mkdir()
-    (lib / "members.sh").symlink_to(BASE / "usr/lib/mailcluster/members.sh")
-    (lib / "plan.sh").write_text(plan.constants())
-    return lib
-
-
 def test_a_fourth_role_joins_and_its_members_fill_its_set(with_archive, tmp_path):
     profiles, site = with_archive
     state = tmp_path / "state"
@@ -94,14 +86,14 @@ def test_a_fourth_role_joins_and_its_members_fill_its_set(with_archive, tmp_path
                                    "node store2 mailstore 10.77.0.32 standby\n")
     (state / "identity").write_text("arch1 archive 10.77.0.50\n")
     # A filter takes the archive node's own announcement, like any member's.
-    flt = plan_lib(tmp_path, Plan.of(profiles, site, "filter"))
+    flt = script_lib(tmp_path / "lib-filter", Plan.of(profiles, site, "filter"))
     r = run(BASE / "usr/libexec/mailcluster/join-request", flt, state, "arch1", "archive",
             SSH_CONNECTION="10.77.0.50 40000 10.77.0.21 22", SSH_ORIGINAL_COMMAND="join arch1 archive 10.77.0.50 active")
     assert r.returncode == 0, r.stderr
     assert [p.read_text() for p in (state / "inbox").iterdir()] == ["10.77.0.50 join arch1 archive 10.77.0.50 active\n"]
     # The archive node itself folds it in and applies the membership: its firewall's
     # member sets (nft is this test's, recording what it was given).
-    arch = plan_lib(tmp_path, Plan.of(profiles, site, "archive"))
+    arch = script_lib(tmp_path / "lib-archive", Plan.of(profiles, site, "archive"))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "nft").write_text(f"#!/bin/sh\ncat \"$2\" > {tmp_path}/nft-input\n")
