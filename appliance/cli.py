@@ -116,13 +116,25 @@ def check(obj: Context) -> None:
 @main.command()
 @click.option("--topology", type=click.Choice(["frontend", "round-robin"]), default=None,
               help="Default: frontend when the site has one, else round-robin.")
+@click.option("--check", "resolver", metavar="ADDRESS[:PORT]",
+              help="Instead of printing them, ask this resolver for each record and list every one "
+                   "that is missing or differs (exit status 1 if any).")
 @click.pass_obj
-def dns(obj: Context, topology: str | None) -> None:
-    """Print the DNS records the site's domains need: MX, A, SPF, DKIM (each domain's
-    current selector; the keys are made in the site's secrets on first use) and DMARC."""
+def dns(obj: Context, topology: str | None, resolver: str | None) -> None:
+    """Print the DNS records the site's domains need, as a zone-file fragment: MX, A, SPF,
+    DKIM (each domain's current selector; the keys are made in the site's secrets on first
+    use), DMARC, TLS-RPT (with tls.reports) and TLSA (with the site's certificate)."""
     from .credentials import Secrets
-    from .dns import records
-    click.echo(records(obj.site, topology, Secrets.of(obj.site)), nl=False)
+    from .dns import check, records
+    if resolver is None:
+        click.echo(records(obj.site, topology, Secrets.of(obj.site)), nl=False)
+        return
+    problems, matched = check(obj.site, resolver, topology, Secrets.of(obj.site))
+    for line in matched + problems:
+        click.echo(line)
+    if problems:
+        raise ApplianceError(f"{len(problems)} of {len(problems) + len(matched)} records are missing or differ "
+                             f"at {resolver}", hint="publish the records ./build.py dns prints (without --check)")
 
 
 @main.command()
@@ -262,6 +274,8 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
     existing = spec.disk.exists() and not fresh
     qemu.prepare(spec, fresh=not existing)
     echo(f"booting {target.name} ({role}) under TCG; this takes about a minute")
+    if plan.tls:
+        echo(f"  TLS: {plan.tls}")
     for name, guest in ports.items():
         # This host is outside the site's networks: the node's firewall answers it only
         # on the ports open to the world.
@@ -441,6 +455,9 @@ def run_cluster(obj: Context, memory: int) -> None:
     try:
         echo(f"booting {', '.join(names)} under TCG ({memory} MiB each); "
              f"serial consoles in {c.workdir}/NODE/serial.log")
+        served = [(role, plan.tls) for role, plan in plans.items() if plan.tls]
+        if served:
+            echo(f"TLS ({', '.join(r for r, _ in served)}): {served[0][1]}")
         started = time.monotonic()
         c.boot(*names)
         c.wait_accepting_mail(timeout=1800)

@@ -27,6 +27,9 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.dkim-key.DOMAIN     filter: the private key that signs DOMAIN's outgoing mail
   mailcluster.dkim-selectors      filter: "DOMAIN SELECTOR" per line, the selector each
                                   domain signs with (its public key: ./build.py dns)
+  mailcluster.tls-cert            filter, mailstore: the site's certificate chain (PEM), when
+  mailcluster.tls-key             the site file gives one (tls:), and its key; without them
+                                  the node makes a self-signed one (mailcluster-tls.service)
 """
 from __future__ import annotations
 
@@ -191,6 +194,12 @@ def peers(site: Site) -> str:
     return "".join(lines)
 
 
+# The roles that terminate TLS (their profiles enable mailcluster-tls.service): the
+# filters' SMTP, the mailstores' submission and IMAP. A frontend passes TLS through
+# untouched, so the site's key never reaches the node most exposed to the world.
+TLS_ROLES = ("filter", "mailstore")
+
+
 def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) -> dict[str, bytes]:
     """Everything that makes `node` itself, as systemd credentials."""
     net = site.network.cluster
@@ -212,6 +221,11 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "mailcluster.cluster-cert": secrets.cluster_cert(node).encode(),
         "mailcluster.node-ca": secrets.node_ca_public().encode(),
     }
+    if node.role in TLS_ROLES:
+        cert = site.site_certificate()
+        if cert is not None:
+            creds["mailcluster.tls-cert"] = cert.chain.encode()
+            creds["mailcluster.tls-key"] = cert.key.encode()
     if node.role == "filter":
         # Outgoing mail leaves through the filters, which sign it (rspamd's dkim_signing).
         for domain in site.mail_domains:

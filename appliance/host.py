@@ -126,6 +126,8 @@ NEEDS = [
     # run the images' backup and restore scripts (which copy with rsync).
     Need("shellcheck", "shellcheck"),
     Need("rsync", "rsync"),
+    # The DNS tests' resolver for `./build.py dns --check` (the binary only: no service).
+    Need("dnsmasq", "dnsmasq-base"),
 ]
 
 

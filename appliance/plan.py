@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Where the images' scripts find the plan (members.sh sources it).
 CONSTANTS_PATH = "usr/lib/mailcluster/plan.sh"
+# The unit that installs a node's certificate: a role that enables it serves TLS.
+TLS_SERVICE = "mailcluster-tls.service"
 
 
 def site_layer(site: Site, layers: Sequence[Profile]) -> Profile:
@@ -139,6 +141,17 @@ class Plan:
     def checks(self) -> list[tuple[str, str]]:
         return [(l.name, c) for l in self.layers for c in l.checks]
 
+    @property
+    def tls(self) -> str | None:
+        """Which certificate this role's nodes serve (None: the role serves no TLS)."""
+        if TLS_SERVICE not in self.services.enable:
+            return None
+        cert = self.site.site_certificate()
+        if cert is not None:
+            return cert.describe()
+        return ("self-signed: each node makes its own at first boot (the site file's tls.certificate "
+                "and tls.key give the nodes a CA's)")
+
     def describe(self) -> dict[str, Any]:
         """What `./build.py show` prints (and `--json` gives)."""
         return {
@@ -153,6 +166,7 @@ class Plan:
             "ports": {k: p.model_dump() for k, p in self.ports.items()},
             "partitions": {k: v.model_dump(exclude_none=True) for k, v in self.partitions.items()},
             "checks": [c for _, c in self.checks],
+            **({"tls": self.tls} if self.tls else {}),
             "constants": self.constants(),
         }
 

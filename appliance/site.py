@@ -12,7 +12,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,9 @@ from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 from .profiles import Port, member_set
+
+if TYPE_CHECKING:
+    from .tls import SiteCertificate
 
 # The account a backup node keeps each primary's snapshots under is this prefix and the
 # primary's name (overlays/60-mailstore: backup-pair makes it); systemd allows user names
@@ -207,16 +210,19 @@ class Frontend(_Model):
 
 
 class Tls(_Model):
-    # Paths relative to the site file. Unset: each node generates its own at first boot.
-    certificate: Path | None = None
-    key: Path | None = None
+    """The site's own certificate, for every node that serves TLS (SMTP, submission,
+    IMAP). Paths relative to the site file. Unset: each node makes its own self-signed
+    certificate at first boot."""
+    certificate: Path | None = Field(default=None, description="PEM chain, the nodes' certificate first")
+    key: Path | None = Field(default=None, description="its unencrypted PEM private key (mode 0600)")
+    reports: MailAddress | None = Field(
+        default=None, description="where senders report TLS failures (TLS-RPT, RFC 8460: ./build.py dns)")
 
     @model_validator(mode="after")
-    def _not_yet(self) -> "Tls":
-        if self.certificate is not None or self.key is not None:
-            # The nodes would silently keep their self-signed certificates.
-            raise ValueError("tls.certificate/tls.key: a site certificate is not delivered to the nodes yet; "
-                             "remove the tls section (each node then makes its own self-signed certificate)")
+    def _both(self) -> "Tls":
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("tls.certificate and tls.key go together: give both, or neither "
+                             "(each node then makes its own self-signed certificate)")
         return self
 
 
@@ -269,6 +275,14 @@ class Site(_Model):
     retention: Retention = Retention()
     time: Time = Time()
     image: Image = Image()
+
+    def site_certificate(self) -> "SiteCertificate | None":
+        """The site's certificate and key, read and checked now (None: self-signed nodes)."""
+        from . import tls
+
+        if self.tls.certificate is None or self.tls.key is None:
+            return None
+        return tls.load(self.tls.certificate, self.tls.key)
 
     @property
     def mail_domains(self) -> list[str]:
@@ -463,6 +477,16 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
                 for i, n in bad
             )
         )
+    if site.tls.certificate is not None and site.tls.key is not None:
+        # Relative to the site file, like an operator writes them; checked now, so a wrong
+        # file is refused before anything is built or booted.
+        base = source.parent if isinstance(source, Path) else Path.cwd()
+        site = site.model_copy(update={"tls": site.tls.model_copy(update={
+            "certificate": base / site.tls.certificate, "key": base / site.tls.key})})
+        try:
+            site.site_certificate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: tls: {e.message}", hint=e.hint) from None
     return site
 
 

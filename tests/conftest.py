@@ -15,9 +15,10 @@ from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
-from appliance.site import load_site
+from appliance.site import Tls, load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
+from tests.tools import site_certificate
 
 _live: list[Machine] = []
 
@@ -109,8 +110,17 @@ SHARED_NODES = ("fe1", "filter1", "filter2", "store1")
 
 
 @pytest.fixture(scope="session")
-def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets):
-    c = Cluster(site, test_images, tmp_path_factory.mktemp("mail-cluster"),
+def site_tls(tmp_path_factory, site) -> tuple[Path, Path, Path]:
+    """A certificate for the site's names from a CA of this run: (chain, key, CA)."""
+    return site_certificate(tmp_path_factory.mktemp("site-tls"), [f"mx.{site.domain}", f"*.{site.domain}"])
+
+
+@pytest.fixture(scope="session")
+def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tls):
+    # The shared cluster serves a site certificate (the operator's case worth testing end
+    # to end); the self-signed fallback is the same unit's other branch (tests/unit/test_tls.py).
+    with_cert = site.model_copy(update={"tls": Tls(certificate=site_tls[0], key=site_tls[1])})
+    c = Cluster(with_cert, test_images, tmp_path_factory.mktemp("mail-cluster"),
                 plans=plans_of_test_images(profiles, site), secrets=secrets)
     try:
         boot(c, *SHARED_NODES)

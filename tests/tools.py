@@ -76,3 +76,26 @@ def build_py(*args: str, env: dict | None = None, input: str | None = None) -> s
     """./build.py as an operator runs it."""
     return subprocess.run([sys.executable, str(ROOT / "build.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, input=input, cwd=ROOT, timeout=900)
+
+
+def site_certificate(dest: Path, names: list[str], days: int = 30) -> tuple[Path, Path, Path]:
+    """A test CA and a certificate it issued for `names` (what an operator gets from a
+    CA): returns (chain, key, ca) paths; the chain is the leaf, then the CA."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, leaf = (dest / n for n in ("ca.key", "ca.pem", "site.key", "site.csr", "leaf.pem"))
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", str(days),
+        "-subj", "/CN=mailcluster test CA", "-keyout", str(ca_key), "-out", str(ca))
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={names[0]}",
+        "-keyout", str(key), "-out", str(csr))
+    ext = dest / "ext.cnf"
+    ext.write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", str(days),
+        "-extfile", str(ext), "-out", str(leaf))
+    key.chmod(0o600)
+    chain = dest / "site-chain.pem"
+    chain.write_text(leaf.read_text() + ca.read_text())
+    return chain, key, ca

@@ -95,9 +95,6 @@ def test_numbers_are_finite_and_bounded(tmp_path, path, value):
 
 
 def test_settings_the_images_would_ignore_are_refused_with_a_hint(tmp_path):
-    (tmp_path / "c.pem").write_text("x")
-    msg = error_of(tmp_path, lambda d: d.update(tls={"certificate": "c.pem", "key": "c.pem"}))
-    assert "tls" in msg and "not delivered to the nodes yet" in msg
     msg = error_of(tmp_path, lambda d: d["filter"].update(engine="spamassassin"))
     assert "filter.engine" in msg and "use 'rspamd'" in msg
 

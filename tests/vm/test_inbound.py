@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import email
+import hashlib
 import re
 import smtplib
 import socket
@@ -306,3 +307,43 @@ def test_submission_through_the_frontend_reaches_the_mailstore_with_the_users_ad
     assert qid, f"the mailstore never saw the message:\n{log[-3000:]}"
     client = re.search(r"postfix/submission-587/smtpd\[\d+\]: " + qid.group(1) + r": client=\S*\[([0-9.]+)\]", log)
     assert client and client.group(1) == USER_NET_HOST, "\n".join(l for l in log.splitlines() if qid.group(1) in l)
+
+
+def served_certificate(port: int, server_name: str, ca, starttls: bytes | None) -> bytes:
+    """The certificate a client is served on 127.0.0.1:`port` (DER), after the chain and
+    `server_name` verified against `ca`: what a sender or a mail client checks."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as raw:
+        if starttls:
+            f = raw.makefile("rb")
+
+            def answer() -> bytes:
+                while (line := f.readline()) and line[3:4] == b"-":
+                    pass
+                return line
+            assert answer().startswith(b"220")
+            raw.sendall(b"EHLO laptop.example.org\r\n")
+            assert answer().startswith(b"250")
+            raw.sendall(starttls)
+            assert (said := answer()).startswith(b"220"), said
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+def test_the_sites_certificate_is_served_on_25_587_and_993(cluster, site_tls):
+    """The site file's certificate, not a self-signed one, on every port a sender or a
+    user reaches: 25 (a filter, through the frontend), 587 (a mailstore, through the
+    frontend) and 993 (the mailstore), each chain verified by the site's CA."""
+    expected = cluster.site.site_certificate().fingerprint
+    domain = cluster.site.domain
+    fe, store = cluster["fe1"], cluster["store1"]
+    served = {
+        "25": served_certificate(fe.forward(25), f"mx.{domain}", site_tls[2], b"STARTTLS\r\n"),
+        "587": served_certificate(fe.forward(587), f"fe1.{domain}", site_tls[2], b"STARTTLS\r\n"),
+        "993": served_certificate(store.forward(993), f"store1.{domain}", site_tls[2], None),
+    }
+    assert {port: hashlib.sha256(der).hexdigest() for port, der in served.items()} == dict.fromkeys(served, expected)
+    for name in (*FILTERS, "store1"):
+        assert cluster[name].succeed("cat /var/lib/mailcluster/tls/source").strip() == "site", name
