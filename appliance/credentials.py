@@ -8,8 +8,8 @@ Credentials a node receives (every image of a role is the same; these make it a 
   system.hostname                 the node's name
   network.network.10-cluster      its static address on the cluster NIC (systemd-networkd)
   mailcluster.node                "NAME ROLE ADDRESS": checked against the image's role
-  mailcluster.peers               the cluster as the site describes it now (node, user and
-                                  backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
+  mailcluster.peers               the cluster as the site describes it now (node, user,
+                                  alias, catchall and backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
   mailcluster.cluster-key         the node's own SSH key for announcements to the other
                                   members (secret, one per node)
   mailcluster.cluster-cert        that key's certificate, signed by the site's node CA: the
@@ -190,6 +190,7 @@ def peers(site: Site) -> str:
               for n in site.nodes]
     lines += [f"user {u.address} {site.mailstore_of(u)}\n" for u in site.users]
     lines += [f"alias {address} {','.join(targets)}\n" for address, targets in site.all_aliases.items()]
+    lines += [f"catchall {c.domain} {','.join(c.to)}\n" for c in site.catch_all]
     lines += [f"backup {p.primary} {p.backup}\n" for p in site.backups]
     return "".join(lines)
 

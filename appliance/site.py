@@ -233,6 +233,12 @@ class Alias(_Model):
     to: list[MailAddress] = Field(min_length=1, max_length=100)
 
 
+class CatchAll(_Model):
+    """Mail to any address of `domain` that is no user or alias goes to `to`."""
+    domain: DomainName
+    to: list[MailAddress] = Field(min_length=1, max_length=100)
+
+
 # Every domain has these (RFC 5321 postmaster, RFC 2142 abuse); the site's `postmaster`
 # receives them unless the site makes one a user or an alias of its own.
 REQUIRED_ALIASES = ("postmaster", "abuse")
@@ -265,6 +271,7 @@ class Site(_Model):
     nodes: list[Node] = Field(min_length=1)
     users: list[User] = []
     aliases: list[Alias] = []
+    catch_all: list[CatchAll] = Field(default=[], description="per domain; off unless listed")
     postmaster: MailAddress | None = Field(
         default=None, description="who gets postmaster@ and abuse@ of every domain; default: the first user")
     backups: list[BackupPair] = []
@@ -423,6 +430,17 @@ class Site(_Model):
                 if target.split("@", 1)[1] in self.mail_domains and target not in users and target not in \
                         {b.address for b in self.aliases}:
                     problems.append((f"aliases[{i}].to[{j}]", f"{target} is no user or alias of this site"))
+        seen_domains: set[str] = set()
+        for i, c in enumerate(self.catch_all):
+            if c.domain not in self.mail_domains:
+                problems.append((f"catch_all[{i}].domain", f"{c.domain!r} is not one of the site's domains {self.mail_domains}"))
+            if c.domain in seen_domains:
+                problems.append((f"catch_all[{i}].domain", f"{c.domain} has a catch-all already"))
+            seen_domains.add(c.domain)
+            for j, target in enumerate(c.to):
+                if target.split("@", 1)[1] in self.mail_domains and target not in users and target not in \
+                        {b.address for b in self.aliases}:
+                    problems.append((f"catch_all[{i}].to[{j}]", f"{target} is no user or alias of this site"))
         if self.postmaster is None and not self.users and self.aliases:
             problems.append(("postmaster", "nobody receives postmaster@ and abuse@: name a postmaster or add a user"))
         if problems:

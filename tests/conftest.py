@@ -15,7 +15,7 @@ from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
-from appliance.site import Tls, load_site
+from appliance.site import CatchAll, Tls, load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
 from tests.tools import site_certificate
@@ -119,7 +119,9 @@ def site_tls(tmp_path_factory, site) -> tuple[Path, Path, Path]:
 def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tls):
     # The shared cluster serves a site certificate (the operator's case worth testing end
     # to end); the self-signed fallback is the same unit's other branch (tests/unit/test_tls.py).
-    with_cert = site.model_copy(update={"tls": Tls(certificate=site_tls[0], key=site_tls[1])})
+    # It also has a catch-all (off in the example): example.com's other addresses go to carol.
+    with_cert = site.model_copy(update={"tls": Tls(certificate=site_tls[0], key=site_tls[1]),
+                                        "catch_all": [CatchAll(domain="example.com", to=["carol@example.test"])]})
     c = Cluster(with_cert, test_images, tmp_path_factory.mktemp("mail-cluster"),
                 plans=plans_of_test_images(profiles, site), secrets=secrets)
     try:

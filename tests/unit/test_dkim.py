@@ -62,8 +62,9 @@ def test_only_the_filters_get_the_signing_keys(tmp_path):
         creds = node_credentials(site, node, None, secrets)
         dkim_creds = sorted(n for n in creds if n.startswith("mailcluster.dkim"))
         if node.role == "filter":
-            assert dkim_creds == ["mailcluster.dkim-key.example.test", "mailcluster.dkim-selectors"]
-            assert creds["mailcluster.dkim-selectors"] == b"example.test mc1\n"
+            assert dkim_creds == ["mailcluster.dkim-key.example.com", "mailcluster.dkim-key.example.test",
+                                  "mailcluster.dkim-selectors"]
+            assert creds["mailcluster.dkim-selectors"] == b"example.test mc1\nexample.com mc1\n"
             assert creds["mailcluster.dkim-key.example.test"].startswith(b"-----BEGIN PRIVATE KEY-----")
         else:
             assert dkim_creds == [], node.name

@@ -114,7 +114,7 @@ def test_a_forgotten_node_leaves_the_membership_and_the_daemons(tmp_path):
 def test_the_filter_is_given_recipients_routes_and_who_may_send_out(tmp_path):
     node = Node(tmp_path, "filter")
     r = node.run("apply")
-    assert "membership applied: 5 nodes, 2 users, 2 aliases" in r.stdout
+    assert "membership applied: 5 nodes, 2 users, 2 aliases, 0 catch-alls" in r.stdout
     assert node.etc_file("postfix/relay_recipients") == ("alice@example.test OK\nbob@example.test OK\n"
                                                          "postmaster@example.test OK\nteam@example.test OK\n")
     assert node.etc_file("postfix/virtual") == (
@@ -129,6 +129,20 @@ def test_the_filter_is_given_recipients_routes_and_who_may_send_out(tmp_path):
     node.calls.write_text("")
     node.run("apply")
     assert "postfix reload" not in node.called()
+
+
+def test_a_catch_all_takes_its_domains_other_addresses_but_not_its_users_mail(tmp_path):
+    node = Node(tmp_path, "filter", CLUSTER + "user dave@example.com store1\n"
+                                             "catchall example.com carol@example.test,friend@example.net\n")
+    r = node.run("apply")
+    assert "1 catch-alls" in r.stdout
+    recipients = node.etc_file("postfix/relay_recipients").splitlines()
+    assert "@example.com OK" in recipients and "dave@example.com OK" in recipients
+    virtual = node.etc_file("postfix/virtual").splitlines()
+    assert "@example.com carol@example.test, friend@example.net" in virtual
+    # dave keeps his own mail; example.test has no catch-all, so its users need no entry
+    assert "dave@example.com dave@example.com" in virtual
+    assert not any(line.startswith(("alice@", "bob@")) for line in virtual), virtual
 
 
 def test_the_mailstore_sends_out_through_every_filter_on_their_outbound_port(tmp_path):
@@ -172,6 +186,11 @@ def test_every_role_admits_each_roles_active_members_in_its_firewall(tmp_path, r
     ("alias team@example.test alice@example.test,|/bin/sh", "bad alias target '|/bin/sh'"),
     ("alias team@example.test alice@example.test,", ""),  # (read -a drops an empty last field)
     ("alias /etc/passwd alice@example.test", "bad mail address '/etc/passwd'"),
+    ("catchall example.com carol@example.test", ""),
+    ("catchall @example.com carol@example.test", "bad domain '@example.com'"),
+    ("catchall example.com", "a catchall record has 3 fields (catchall DOMAIN TARGET[,TARGET...]), not 2"),
+    ("catchall example.com carol@example.test,/etc/passwd", "bad catch-all target '/etc/passwd'"),
+    ("alias team@-example.test alice@example.test", "bad mail address 'team@-example.test'"),
 ])
 def test_an_alias_record_is_checked_before_it_reaches_postfix(tmp_path, record, problem):
     lib = script_lib(tmp_path / "lib", "filter")

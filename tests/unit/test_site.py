@@ -156,3 +156,24 @@ def test_every_domain_gets_postmaster_and_abuse_unless_the_site_has_its_own(tmp_
 ])
 def test_a_bad_alias_is_refused_with_its_place(tmp_path, alias, problem):
     assert problem in error_of(tmp_path, lambda d: d["aliases"].append(alias))
+
+
+@pytest.mark.parametrize("catch_all,problem", [
+    ([{"domain": "elsewhere.test", "to": ["alice@example.test"]}], "catch_all[0].domain: 'elsewhere.test' is not one"),
+    ([{"domain": "example.com", "to": ["carol@example.test"]}, {"domain": "example.com", "to": ["bob@example.test"]}],
+     "catch_all[1].domain: example.com has a catch-all already"),
+    ([{"domain": "example.com", "to": ["nobody@example.test"]}],
+     "catch_all[0].to[0]: nobody@example.test is no user or alias of this site"),
+    ([{"domain": "example.com", "to": []}], "catch_all[0].to"),
+])
+def test_a_bad_catch_all_is_refused_with_its_place(tmp_path, catch_all, problem):
+    assert problem in error_of(tmp_path, lambda d: d.update(catch_all=catch_all))
+
+
+def test_a_catch_all_reaches_the_nodes_as_a_membership_record(tmp_path):
+    from appliance.credentials import peers
+
+    site = load_site(write_site(tmp_path, lambda d: d.update(catch_all=[
+        {"domain": "example.com", "to": ["carol@example.test", "friend@example.net"]}])), ROLES)
+    assert "catchall example.com carol@example.test,friend@example.net\n" in peers(site)
+    assert "catchall" not in peers(load_site(paths.EXAMPLE_SITE, ROLES))  # off by default

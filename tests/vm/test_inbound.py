@@ -103,6 +103,23 @@ def test_postmaster_and_an_alias_deliver_to_their_targets(cluster):
     assert to_postmaster not in got[bob] and got[bob].count(to_team) == 1
 
 
+def test_a_catch_all_takes_its_domains_unknown_addresses_and_nothing_else(cluster):
+    """The cluster's site sends example.com's other addresses to carol (conftest); its
+    postmaster@ still goes to the postmaster, and example.test (no catch-all) still
+    refuses an unknown address at RCPT."""
+    (_, anyone), (_, postmaster), (_, unknown) = new_tokens(3)
+    assert send(cluster, [(f"whoever-{anyone}@example.com", anyone), ("postmaster@example.com", postmaster),
+                          (f"nobody-{unknown}@example.test", unknown)]) == [anyone, postmaster]
+    alice, carol = USERS[0], USERS[2]
+    secrets = cluster.secrets
+    try:
+        got = retry(lambda last: {u: imap_tokens(cluster["store1"], secrets, u) for u in (alice, carol)}, timeout=300,
+                    interval=3, until=lambda seen: anyone in seen[carol] and postmaster in seen[alice])
+    except Timeout as e:
+        raise AssertionError(f"mailboxes: {e.last}") from None
+    assert got[carol].count(anyone) == 1 and postmaster not in got[carol]
+
+
 def test_the_endpoints_run_cluster_prints_take_mail_and_serve_it(cluster):
     """`./build.py run --cluster` boots through Cluster.boot, waits with
     wait_accepting_mail and prints Cluster.access(): the same calls as this fixture."""

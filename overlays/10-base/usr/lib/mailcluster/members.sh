@@ -6,6 +6,7 @@
 #   node NAME ROLE ADDRESS STATE    STATE: active | standby (a backup mailstore)
 #   user ADDRESS MAILSTORE          where the filters deliver ADDRESS's mail
 #   alias ADDRESS TARGET[,TARGET]   mail to ADDRESS goes to the TARGETs instead
+#   catchall DOMAIN TARGET[,TARGET] mail to DOMAIN's other addresses goes to the TARGETs
 #   backup PRIMARY BACKUP           who keeps PRIMARY's encrypted backups
 # shellcheck shell=bash
 
@@ -45,7 +46,13 @@ update() {
 valid_name() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
 valid_role() { valid_name "$1" && [[ " ${MC_ROLES[*]} " == *" $1 "* ]]; }
 valid_state() { [[ $1 == active || $1 == standby ]]; }
-valid_user() { [[ $1 =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; }
+valid_domain() { [[ $1 =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; }
+valid_user() { [[ $1 =~ ^[A-Za-z0-9._%+-]+@(.*)$ ]] && valid_domain "${BASH_REMATCH[1]}"; }
+valid_targets() {
+	local target targets
+	IFS=, read -ra targets <<<"$1"
+	for target in "${targets[@]}"; do valid_user "$target" || { echo "bad $2 target '$target'"; return; }; done
+}
 valid_ipv4() {
 	[[ $1 =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
 	local o
@@ -68,9 +75,11 @@ check_record() {
 	alias)
 		(($# == 3)) || { echo "an alias record has 3 fields (alias ADDRESS TARGET[,TARGET...]), not $#"; return; }
 		valid_user "$2" || { echo "bad mail address '$2'"; return; }
-		local target targets
-		IFS=, read -ra targets <<<"$3"
-		for target in "${targets[@]}"; do valid_user "$target" || { echo "bad alias target '$target'"; return; }; done ;;
+		valid_targets "$3" alias ;;
+	catchall)
+		(($# == 3)) || { echo "a catchall record has 3 fields (catchall DOMAIN TARGET[,TARGET...]), not $#"; return; }
+		valid_domain "$2" || { echo "bad domain '$2'"; return; }
+		valid_targets "$3" catch-all ;;
 	backup)
 		(($# == 3)) || { echo "a backup record has 3 fields (backup PRIMARY BACKUP), not $#"; return; }
 		valid_name "$2" && valid_name "$3" || echo "bad node name in '$*'" ;;
