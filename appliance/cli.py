@@ -137,6 +137,52 @@ def dns(obj: Context, topology: str | None, resolver: str | None) -> None:
                              f"at {resolver}", hint="publish the records ./build.py dns prints (without --check)")
 
 
+@main.group()
+def dkim() -> None:
+    """The site's DKIM keys: see each domain's selectors, rotate a domain's key."""
+
+
+@dkim.command("status")
+@click.pass_obj
+def dkim_status(obj: Context) -> None:
+    """Each domain's selectors: the one the filters sign with, and a rotation's other."""
+    from .credentials import Secrets
+    from .dkim import state
+
+    for domain in obj.site.mail_domains:
+        s = state(Secrets.of(obj.site), domain)
+        extra = (f", next {s.next} (published, not signing yet)" if s.next else "") + (
+            f", previous {s.previous} (published until {s.retire_after:%Y-%m-%d %H:%M} UTC)" if s.previous else "")
+        click.echo(f"{domain}: signing with {s.current}{extra}")
+
+
+@dkim.command("rotate")
+@click.argument("domain")
+@click.option("--grace", default=7, show_default=True, type=click.IntRange(1, 365),
+              help="Days the old key stays published after the switch.")
+@click.option("--check", "resolver", metavar="ADDRESS[:PORT]",
+              help="Before switching, ask this resolver that the next key's record is published.")
+@click.pass_obj
+def dkim_rotate(obj: Context, domain: str, grace: int, resolver: str | None) -> None:
+    """Take the next step of DOMAIN's key rotation: publish a new key, switch the filters
+    to it, or retire the old one after the grace period (README: DKIM key rotation)."""
+    import datetime
+
+    from .credentials import Secrets, dkim_public_key
+    from .dkim import check_domain, rotate
+    from .dns import publishes
+
+    check_domain(domain, obj.site.mail_domains)
+    secrets = Secrets.of(obj.site)
+
+    def published(selector: str) -> bool:
+        value = f"v=DKIM1; k=rsa; p={dkim_public_key(secrets.dkim_key(domain, selector))}"
+        return publishes(resolver, f"{selector}._domainkey.{domain}.", value) if resolver else True
+
+    click.echo(rotate(secrets, domain, datetime.datetime.now(datetime.timezone.utc),
+                      datetime.timedelta(days=grace), published if resolver else None))
+
+
 @main.command()
 @click.argument("node")
 @click.option("--format", "fmt", type=click.Choice(["smbios", "files"]), default="smbios", show_default=True,

@@ -66,12 +66,24 @@ class Secrets:
     def get_or_create(self, *parts: str, make) -> str:
         path = self._path(*parts)
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(make())
-            tmp.replace(path)
+            self.write(*parts, text=make())
         return path.read_text()
+
+    def read(self, *parts: str) -> str | None:
+        path = self.root.joinpath(*parts)
+        return path.read_text() if path.exists() else None
+
+    def write(self, *parts: str, text: str) -> None:
+        """Replace a file atomically (a crash leaves the old one or the new one), 0600."""
+        path = self._path(*parts)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        tmp.replace(path)
+
+    def remove(self, *parts: str) -> None:
+        self.root.joinpath(*parts).unlink(missing_ok=True)
 
     def user_password(self, address: str) -> str:
         return self.get_or_create("users", f"{address}.password", make=lambda: pysecrets.token_urlsafe(18))
@@ -108,8 +120,9 @@ class Secrets:
         return self.get_or_create("pairs", f"{primary}.pairing-key", make=lambda: ssh_key(f"mailcluster-pairing {primary}"))
 
     def dkim_selector(self, domain: str) -> str:
-        """The selector DOMAIN's outgoing mail is signed with now."""
-        return self.get_or_create("dkim", domain, "selector", make=lambda: f"{DKIM_FIRST_SELECTOR}\n").strip()
+        """The selector DOMAIN's outgoing mail is signed with now (the selector file's first
+        line; the rest is appliance/dkim.py's rotation state)."""
+        return self.get_or_create("dkim", domain, "selector", make=lambda: f"{DKIM_FIRST_SELECTOR}\n").split("\n")[0].strip()
 
     def dkim_key(self, domain: str, selector: str | None = None) -> str:
         """The private key of DOMAIN's selector (default: the current one)."""

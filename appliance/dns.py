@@ -33,11 +33,13 @@ def txt(value: str) -> str:
 
 
 def dkim_records(site: Site, secrets: "Secrets") -> dict[str, str]:
-    """Each domain's current DKIM record: owner name -> TXT value (as one string)."""
+    """Each domain's DKIM records: owner name -> TXT value (as one string). The current
+    selector's, and during a rotation the next or the previous one's (appliance/dkim.py)."""
     from .credentials import dkim_public_key
+    from .dkim import state
 
-    return {f"{secrets.dkim_selector(d)}._domainkey.{d}.": f"v=DKIM1; k=rsa; p={dkim_public_key(secrets.dkim_key(d))}"
-            for d in site.mail_domains}
+    return {f"{selector}._domainkey.{d}.": f"v=DKIM1; k=rsa; p={dkim_public_key(secrets.dkim_key(d, selector))}"
+            for d in site.mail_domains for selector in state(secrets, d).published}
 
 
 def dmarc_record(site: Site) -> str:
@@ -164,6 +166,30 @@ def parse_resolver(text: str) -> tuple[str, int]:
     return host, number
 
 
+def _resolver(text: str):
+    import dns.resolver
+
+    host, port = parse_resolver(text)
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers, res.port, res.lifetime, res.cache = [host], port, 5.0, None
+    return res
+
+
+def publishes(resolver: str, name: str, value: str) -> bool:
+    """Whether `resolver` answers `name` with the TXT record `value`."""
+    import dns.exception
+    import dns.resolver
+
+    try:
+        answer = _resolver(resolver).resolve(name, "TXT", raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return False
+    except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
+        raise ConfigError(f"the resolver at {resolver} gave no answer for {name} TXT: {e}",
+                          hint="name a resolver that answers this host") from None
+    return answer.rrset is not None and value in [_published(rd) for rd in answer.rrset]
+
+
 def check(site: Site, resolver: str, topology: str | None = None,
           secrets: "Secrets | None" = None) -> tuple[list[str], list[str]]:
     """Ask `resolver` for every record the site needs: (problems, what matched), one line
@@ -172,9 +198,7 @@ def check(site: Site, resolver: str, topology: str | None = None,
     import dns.rdatatype
     import dns.resolver
 
-    host, port = parse_resolver(resolver)
-    res = dns.resolver.Resolver(configure=False)
-    res.nameservers, res.port, res.lifetime, res.cache = [host], port, 5.0, None
+    res = _resolver(resolver)
     _, groups = record_groups(site, topology, secrets)
     wanted: dict[tuple[str, str], list[Record]] = {}
     for r in (r for g in groups for r in g):

@@ -65,13 +65,14 @@ def subtest(name: str) -> Iterator[None]:
 class Machine:
     _ids = itertools.count(1)
 
-    def __init__(self, spec: qemu.VMSpec):
+    def __init__(self, spec: qemu.VMSpec, disk_from: "Machine | None" = None):
+        """`disk_from`: a machine of the same node, powered off, whose disk this one boots."""
         self.spec = spec
         self.name = spec.name
         self.process = qemu.QemuProcess(spec, on_exit=self._exited)
         self._agent: socket.socket | None = None
         self._agent_buf = b""
-        self._booted_once = False
+        self._booted_once: bool = disk_from is not None and disk_from._booted_once
 
     def _exited(self, wall: float, cpu: float) -> None:
         log(f"{self.name}: QEMU exited after {wall:.0f} s, having used {cpu:.0f} CPU-s")
@@ -364,9 +365,11 @@ class Cluster:
     def __getitem__(self, name: str) -> Machine:
         return self.machines[name]
 
-    def machine(self, node: Node, credentials: dict[str, bytes] | None = None, site: Site | None = None) -> Machine:
+    def machine(self, node: Node, credentials: dict[str, bytes] | None = None, site: Site | None = None,
+                disk_from: Machine | None = None) -> Machine:
         """`site`: the site file as the operator changed it for this node (a node added
-        to a running cluster); the running nodes keep what they booted with."""
+        to a running cluster); the running nodes keep what they booted with. `disk_from`:
+        the node's machine before, powered off (its disk boots again)."""
         if self.switch.proc is None:
             self.switch.start()
         mac = self.mac(node)
@@ -377,9 +380,19 @@ class Cluster:
             memory_mb=self.memory_mb, smp=qemu.CLUSTER_SMP, forwards={p: qemu.free_port() for p in self.plans[node.role].forwarded_ports},
             credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent,
         )
-        m = Machine(spec)
+        m = Machine(spec, disk_from=disk_from)
         self.machines[node.name] = m
         return m
+
+    def reboot_with_new_credentials(self, name: str) -> tuple[Machine, Machine]:
+        """Power `name` off through ACPI and boot its disk again with the credentials the
+        site and its secrets give now (what an operator does after changing them):
+        returns (the old machine, the new one); the new one is started, not waited for."""
+        old = self.machines[name]
+        old.shutdown()
+        new = self.machine(self.site.node(name), disk_from=old)
+        new.start(wait=False)
+        return old, new
 
     def boot(self, *names: str, timeout: float = BOOT_TIMEOUT,
              created: Callable[[list[Machine]], None] | None = None) -> list[Machine]:

@@ -7,7 +7,7 @@ import yaml
 
 from appliance import dns, paths
 from appliance.credentials import Secrets, node_credentials
-from appliance.errors import ConfigError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.site import parse_site
 from tests.tools import build_py, zone_txt
 
@@ -90,3 +90,63 @@ def test_build_py_dns_prints_every_record_as_a_zone_fragment():
     for line in r.stdout.splitlines():
         if "IN TXT" in line:
             assert all(len(s) <= 255 for s in line.split('"')[1::2]), line
+
+
+def filters_sign(site, secrets, node="filter1") -> bytes:
+    """A message signed as a filter would sign it: with the key and selector its
+    credentials carry."""
+    creds = node_credentials(site, site.node(node), None, secrets)
+    selector = dict(line.split() for line in creds["mailcluster.dkim-selectors"].decode().splitlines())["example.test"]
+    return dkim.sign(MESSAGE, selector.encode(), b"example.test", creds["mailcluster.dkim-key.example.test"],
+                     canonicalize=(b"relaxed", b"relaxed")) + MESSAGE
+
+
+def verifies(message: bytes, zone: str) -> bool:
+    published = zone_txt(zone)
+    return dkim.verify(message, dnsfunc=lambda name, timeout=5: published.get(name.decode(), b""))
+
+
+def test_a_rotation_keeps_mail_signed_before_and_after_it_verifiable(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from appliance.dkim import rotate
+
+    site, secrets, now = site_with(), Secrets(tmp_path / "secrets"), datetime(2026, 12, 6, tzinfo=timezone.utc)
+    before = filters_sign(site, secrets)
+    assert verifies(before, dns.records(site, None, secrets))
+
+    said = rotate(secrets, "example.test", now)  # 1: publish the next key; the filters keep signing with mc1
+    assert "made the next key mc2" in said
+    zone = dns.records(site, None, secrets)
+    assert {"mc1._domainkey.example.test.", "mc2._domainkey.example.test."} <= set(zone_txt(zone))
+    assert b"s=mc1;" in filters_sign(site, secrets)
+
+    with pytest.raises(ApplianceError, match="does not resolve to the next key yet"):
+        rotate(secrets, "example.test", now, published=lambda selector: False)
+    assert "sign with mc2" in rotate(secrets, "example.test", now, published=lambda selector: selector == "mc2")
+    after = filters_sign(site, secrets)
+    assert b"s=mc2;" in after
+    zone = dns.records(site, None, secrets)  # what the operator publishes during the grace period
+    assert verifies(before, zone) and verifies(after, zone)
+
+    with pytest.raises(ApplianceError, match="stays published until 2026-12-13"):
+        rotate(secrets, "example.test", now + timedelta(days=6))
+    assert "retired mc1" in rotate(secrets, "example.test", now + timedelta(days=7))
+    zone = dns.records(site, None, secrets)
+    assert "mc1._domainkey.example.test." not in zone_txt(zone) and verifies(after, zone)
+    assert not (tmp_path / "secrets/dkim/example.test/mc1.key").exists()
+    assert "made the next key mc3" in rotate(secrets, "example.test", now + timedelta(days=8))
+
+
+def test_build_py_dkim_rotate_and_status(tmp_path):
+    env = {"MAILCLUSTER_SECRETS": str(tmp_path / "secrets")}
+    r = build_py("dkim", "rotate", "example.test", env=env)
+    assert r.returncode == 0 and "made the next key mc2" in r.stdout, r.stderr
+    r = build_py("dkim", "status", env=env)
+    assert "example.test: signing with mc1, next mc2 (published, not signing yet)" in r.stdout
+    assert "example.com: signing with mc1\n" in r.stdout
+    r = build_py("dkim", "rotate", "elsewhere.test", env=env)
+    assert r.returncode == 2 and "'elsewhere.test' is not a domain of this site" in r.stderr
+    (tmp_path / "secrets/example/dkim/example.test/selector").write_text("../../x\n")
+    r = build_py("dkim", "status", env=env)
+    assert r.returncode == 2 and "'../../x' is not a selector" in r.stderr

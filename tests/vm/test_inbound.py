@@ -5,6 +5,7 @@ down: test_mailstore.py, during the mailstore's clean reboot.)"""
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import email
 import hashlib
 import re
@@ -16,10 +17,12 @@ import dkim
 import pytest
 from dkim.util import parse_tag_value
 
+from appliance import dkim as dkim_rotation
 from appliance import dns
 from appliance.qemu import USER_NET_HOST
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
+from tests.conftest import _live
 from tests.tools import zone_txt
 from tests.vm.mail import (FILTERS, USERS, imap_tokens, message, new_tokens, queued, queued_message, send, send_in_sessions,
                            wait_backends, wait_in_mailboxes, wait_mail_up)
@@ -263,7 +266,7 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
     alice, bob = USERS[0], USERS[1]
     _, token = new_tokens(1)[0]
     ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # per-node self-signed
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (the chain: test_the_sites_certificate_is_served_on_25_587_and_993)
     with smtplib.SMTP("127.0.0.1", store.forward(587), local_hostname="laptop.example.org", timeout=120) as s:
         s.ehlo()
         assert not s.has_extn("auth"), "AUTH offered before STARTTLS"
@@ -285,7 +288,18 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
         s.sendmail(alice, ["friend@example.net"], message("friend@example.net", token).replace(
             "From: sender@example.org", f"From: {alice}"))
 
-    # Until a filter has tried to deliver it (it cannot leave the test network).
+    name, sent = left_through(cluster, token)
+    # Signed on its way out, with the domain's key: a verifier that knows only the DNS
+    # records ./build.py dns prints accepts the signature.
+    assert dkim_verifies(sent, dns.records(cluster.site, None, secrets))
+    tags = parse_tag_value(email.message_from_bytes(sent)["DKIM-Signature"].encode())
+    assert (tags[b"d"], tags[b"s"]) == (b"example.test", secrets.dkim_selector("example.test").encode()), tags
+
+
+def left_through(cluster, token: str) -> tuple[str, bytes]:
+    """The filter that relayed the message with `token` to friend@example.net, and the
+    message as it left (it cannot leave the test network: it is taken off the queue)."""
+    store = cluster["store1"]
     try:
         (name, log), = retry(lambda last: handled_by(cluster, token), timeout=120, interval=3,
                              until=lambda logs: any("to=<friend@example.net>" in text for text in logs.values())).items()
@@ -294,16 +308,32 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
                              " mailstore queue:\n" + store.execute("postqueue -p")[1]) from None
     assert "postfix/outbound" in log and "to=<friend@example.net>" in log, log
     assert "DKIM_SIGNED" in log, log  # rspamd's own account (the inbound test reads it)
-    # Signed on its way out, with the domain's key: a verifier that knows only the DNS
-    # records ./build.py dns prints accepts the signature.
     sent = queued_message(cluster[name], "friend@example.net")
-    cluster[name].succeed("postsuper -d ALL")  # it cannot leave this test network
-    published = zone_txt(dns.records(cluster.site, None, secrets))
+    cluster[name].succeed("postsuper -d ALL")
+    return name, sent
+
+
+def dkim_verifies(sent: bytes, zone: str) -> bool:
+    """Whether a verifier that knows only `zone` (./build.py dns) accepts the signature."""
+    published = zone_txt(zone)
     signature = dkim.DKIM(sent)
-    assert signature.verify(dnsfunc=lambda name, timeout=5: published.get(name.decode(), b"")), (
-        f"DKIM verification failed: {signature.logger}\n{sent.decode(errors='replace')[:3000]}")
-    tags = parse_tag_value(email.message_from_bytes(sent)["DKIM-Signature"].encode())
-    assert (tags[b"d"], tags[b"s"]) == (b"example.test", secrets.dkim_selector("example.test").encode()), tags
+    if not signature.verify(dnsfunc=lambda name, timeout=5: published.get(name.decode(), b"")):
+        print(f"DKIM verification failed: {signature.logger}\n{sent.decode(errors='replace')[:3000]}")
+        return False
+    return True
+
+
+def submit(cluster, token: str) -> None:
+    """alice sends a message to friend@example.net through store1's submission port."""
+    alice, secrets = USERS[0], cluster.secrets
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", cluster["store1"].forward(587), local_hostname="laptop.example.org",
+                      timeout=120) as s:
+        s.starttls(context=ctx)
+        s.login(alice, secrets.user_password(alice))
+        s.sendmail(alice, ["friend@example.net"], message("friend@example.net", token).replace(
+            "From: sender@example.org", f"From: {alice}"))
 
 
 def test_submission_through_the_frontend_reaches_the_mailstore_with_the_users_address(cluster):
@@ -364,3 +394,39 @@ def test_the_sites_certificate_is_served_on_25_587_and_993(cluster, site_tls):
     assert {port: hashlib.sha256(der).hexdigest() for port, der in served.items()} == dict.fromkeys(served, expected)
     for name in (*FILTERS, "store1"):
         assert cluster[name].succeed("cat /var/lib/mailcluster/tls/source").strip() == "site", name
+
+
+def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluster):
+    """./build.py dkim rotate's publish and switch, then filter1 rebooted with its new
+    credentials (the operator's rolling reboot; filter2 still signs with the old key):
+    mail signed before and after verifies against the records ./build.py dns printed
+    at the time. (The mailstore relays through filter1 first: relayhost's order.)"""
+    site, secrets = cluster.site, cluster.secrets
+    _, token = new_tokens(1)[0]
+    submit(cluster, token)
+    name, before = left_through(cluster, token)
+    assert name == "filter1" and dkim_verifies(before, dns.records(site, None, secrets))
+    old = secrets.dkim_selector("example.test")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert "made the next key" in dkim_rotation.rotate(secrets, "example.test", now)
+    assert "the filters sign with" in dkim_rotation.rotate(secrets, "example.test", now)
+    new = secrets.dkim_selector("example.test")
+    zone = dns.records(site, None, secrets)  # the grace period's records: both keys
+    assert {f"{old}._domainkey.example.test.", f"{new}._domainkey.example.test."} <= set(zone_txt(zone))
+
+    gone, rebooted = cluster.reboot_with_new_credentials("filter1")
+    _live.remove(gone)
+    gone.close()
+    _live.append(rebooted)
+    rebooted.wait_started()
+    for unit in ("postfix.service", "rspamd.service"):
+        rebooted.wait_for_unit(unit, timeout=600)
+    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
+
+    _, token = new_tokens(1)[0]
+    submit(cluster, token)
+    name, after = left_through(cluster, token)
+    tags = parse_tag_value(email.message_from_bytes(after)["DKIM-Signature"].encode())
+    assert (name, tags[b"s"]) == ("filter1", new.encode())
+    assert dkim_verifies(after, zone) and dkim_verifies(before, zone)
