@@ -417,6 +417,14 @@ class Site(_Model):
         if len({u.address for u in self.users}) != len(self.users):
             problems.append(("users", "duplicate user address"))
         users, seen_aliases = {u.address for u in self.users}, set()
+        known = users | {a.address for a in self.aliases}
+
+        def check_targets(where: str, targets: list[str]) -> None:
+            # A target on a site domain must exist here; elsewhere, it is forwarded.
+            for j, target in enumerate(targets):
+                if target.split("@", 1)[1] in self.mail_domains and target not in known:
+                    problems.append((f"{where}.to[{j}]", f"{target} is no user or alias of this site"))
+
         for i, a in enumerate(self.aliases):
             domain = a.address.split("@", 1)[1]
             if domain not in self.mail_domains:
@@ -426,10 +434,7 @@ class Site(_Model):
             if a.address in seen_aliases:
                 problems.append((f"aliases[{i}].address", f"{a.address} is listed twice"))
             seen_aliases.add(a.address)
-            for j, target in enumerate(a.to):
-                if target.split("@", 1)[1] in self.mail_domains and target not in users and target not in \
-                        {b.address for b in self.aliases}:
-                    problems.append((f"aliases[{i}].to[{j}]", f"{target} is no user or alias of this site"))
+            check_targets(f"aliases[{i}]", a.to)
         seen_domains: set[str] = set()
         for i, c in enumerate(self.catch_all):
             if c.domain not in self.mail_domains:
@@ -437,10 +442,7 @@ class Site(_Model):
             if c.domain in seen_domains:
                 problems.append((f"catch_all[{i}].domain", f"{c.domain} has a catch-all already"))
             seen_domains.add(c.domain)
-            for j, target in enumerate(c.to):
-                if target.split("@", 1)[1] in self.mail_domains and target not in users and target not in \
-                        {b.address for b in self.aliases}:
-                    problems.append((f"catch_all[{i}].to[{j}]", f"{target} is no user or alias of this site"))
+            check_targets(f"catch_all[{i}]", c.to)
         if self.postmaster is None and not self.users and self.aliases:
             problems.append(("postmaster", "nobody receives postmaster@ and abuse@: name a postmaster or add a user"))
         if problems:
