@@ -141,7 +141,7 @@ class Plan:
     def checks(self) -> list[tuple[str, str]]:
         return [(l.name, c) for l in self.layers for c in l.checks]
 
-    @property
+    @functools.cached_property
     def tls(self) -> str | None:
         """Which certificate this role's nodes serve (None: the role serves no TLS)."""
         if TLS_SERVICE not in self.services.enable:
