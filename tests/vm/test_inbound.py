@@ -106,6 +106,21 @@ def test_postmaster_and_an_alias_deliver_to_their_targets(cluster):
     assert to_postmaster not in got[bob] and got[bob].count(to_team) == 1
 
 
+def test_a_user_sending_to_an_alias_reaches_its_targets(cluster):
+    """What users send to an alias reaches its targets (the mailstore has its own copy of
+    the aliases): bob gets alice's mail to team@."""
+    _, token = new_tokens(1)[0]
+    submit(cluster, token, to="team@example.test")
+    bob = USERS[1]
+    try:
+        retry(lambda last: imap_tokens(cluster["store1"], cluster.secrets, bob), timeout=300, interval=3,
+              until=lambda seen: token in seen)
+    except Timeout as e:
+        raise AssertionError(f"bob's mailbox: {e.last}; store1's log:\n"
+                             + cluster["store1"].execute(f"journalctl -b --no-pager -u postfix | grep -F {token} "
+                                                         "|| journalctl -b --no-pager -u postfix | tail -20")[1]) from None
+
+
 def test_a_catch_all_takes_its_domains_unknown_addresses_and_nothing_else(cluster):
     """The cluster's site sends example.com's other addresses to carol (conftest); its
     postmaster@ still goes to the postmaster, and example.test (no catch-all) still
@@ -323,8 +338,8 @@ def dkim_verifies(sent: bytes, zone: str) -> bool:
     return True
 
 
-def submit(cluster, token: str) -> None:
-    """alice sends a message to friend@example.net through store1's submission port."""
+def submit(cluster, token: str, to: str = "friend@example.net") -> None:
+    """alice sends a message (to friend@example.net) through store1's submission port."""
     alice, secrets = USERS[0], cluster.secrets
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -332,8 +347,7 @@ def submit(cluster, token: str) -> None:
                       timeout=120) as s:
         s.starttls(context=ctx)
         s.login(alice, secrets.user_password(alice))
-        s.sendmail(alice, ["friend@example.net"], message("friend@example.net", token).replace(
-            "From: sender@example.org", f"From: {alice}"))
+        s.sendmail(alice, [to], message(to, token).replace("From: sender@example.org", f"From: {alice}"))
 
 
 def test_submission_through_the_frontend_reaches_the_mailstore_with_the_users_address(cluster):
