@@ -83,6 +83,10 @@ class Network(_Model):
         description="network allowed to reach SSH and admin endpoints; default: cluster",
     )
     gateway: ipaddress.IPv4Address | None = None
+    resolvers: list[ipaddress.IPv4Address] = Field(
+        default=[], max_length=3,
+        description="DNS resolvers of every node (/etc/resolv.conf): the filters look up where mail goes, "
+                    "NTP and ACME names need them; none: the nodes resolve nothing")
 
     @property
     def admin_network(self) -> ipaddress.IPv4Network:

@@ -171,3 +171,18 @@ def test_time_servers_reach_timesyncd_and_bad_ones_are_refused(tmp_path):
     assert "\nNTP=ntp.example.test 192.0.2.123\n" in conf
     msg = error_of(tmp_path, lambda d: d.update(time={"servers": ["ntp.example.test\nFallbackNTP=evil"]}))
     assert "time.servers[0]" in msg
+
+
+def test_resolvers_reach_every_node_and_bad_ones_are_refused(tmp_path):
+    p = write_site(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.53", "198.51.100.53"]))
+    ps = ProfileSet.load()
+    for role in ROLES:
+        out = render(Plan.of(ps, load_site(p, ROLES), role), tmp_path / role, tmp_path / "c", tmp_path / "p")
+        conf = next(out.glob("trees/*/10-base/etc/resolv.conf")).read_text()
+        assert [l for l in conf.splitlines() if not l.startswith("#")] == [
+            "nameserver 192.0.2.53", "nameserver 198.51.100.53"], role
+    msg = error_of(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.53\noptions debug"]))
+    assert "network.resolvers[0]" in msg
+    msg = error_of(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.1", "192.0.2.2", "192.0.2.3",
+                                                                         "192.0.2.4"]))
+    assert "network.resolvers" in msg
