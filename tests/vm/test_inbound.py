@@ -267,7 +267,11 @@ def test_connection_flood_from_one_address_is_refused_while_others_are_served(cl
     attempts = 2 * limit
     with concurrent.futures.ThreadPoolExecutor(attempts) as pool:
         served = sum(pool.map(greet, range(attempts)))
-    assert 0 < served <= limit, f"{served} of {attempts} connections from one address were served"
+    # HAProxy's rate is an estimate: this period's count plus the last period's, weighted
+    # by the part of this one still to run. A burst that straddles a period boundary
+    # under emulation is undercounted a little (CI saw 21 of 40 with a limit of 20), so
+    # the bound allows a quarter more; a flood is still refused.
+    assert 0 < served <= limit + limit // 4, f"{served} of {attempts} connections from one address were served"
     # Meanwhile another address (a mailstore, on the cluster network) is still greeted.
     other = cluster["store1"].succeed(
         f"exec 3<>/dev/tcp/{cluster.site.node('fe1').address}/25; IFS= read -r -t 30 line <&3; echo \"$line\"")
