@@ -143,7 +143,7 @@ def records(site: Site, topology: str | None = None, secrets: "Secrets | None" =
         out.append("")
         out += [f"; {line}" for line in comments.get(group[0].name if group[0].type == "A" else group[0].type, ())]
         out += [r.line() for r in group]
-    if site.site_certificate() is None:
+    if not any(g[0].type == "TLSA" for g in groups):
         out += ["", "; No TLSA (DANE) records: the nodes use self-signed certificates of their own;",
                 "; give the site file tls.certificate and tls.key to publish them."]
     return "\n".join(out) + "\n"
@@ -189,30 +189,32 @@ def _resolver(text: str):
     return res
 
 
-def publishes(resolver: str, name: str, value: str) -> bool:
-    """Whether `resolver` answers `name` with the TXT record `value`."""
+def lookup(resolver: str, name: str, rtype: str) -> list[str]:
+    """What `resolver` answers for `name` and `rtype` (TXT: each record's strings joined);
+    empty when the name or the record does not exist. ConfigError when it does not answer."""
     import dns.exception
     import dns.resolver
 
     try:
-        answer = _resolver(resolver).resolve(name, "TXT", raise_on_no_answer=False)
+        answer = _resolver(resolver).resolve(name, rtype, raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN:
-        return False
+        return []
     except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
-        raise ConfigError(f"the resolver at {resolver} gave no answer for {name} TXT: {e}",
-                          hint="name a resolver that answers this host") from None
-    return answer.rrset is not None and value in [_published(rd) for rd in answer.rrset]
+        raise ConfigError(f"the resolver at {resolver} gave no answer for {name} {rtype}: {e}",
+                          hint="name a resolver that answers this host (ADDRESS[:PORT])") from None
+    return [] if answer.rrset is None else [_published(rd) for rd in answer.rrset]
+
+
+def publishes(resolver: str, name: str, value: str) -> bool:
+    """Whether `resolver` answers `name` with the TXT record `value`."""
+    return value in lookup(resolver, name, "TXT")
 
 
 def check(site: Site, resolver: str, topology: str | None = None,
           secrets: "Secrets | None" = None) -> tuple[list[str], list[str]]:
     """Ask `resolver` for every record the site needs: (problems, what matched), one line
     each naming the record. Raises ConfigError when the resolver does not answer."""
-    import dns.exception
-    import dns.rdatatype
-    import dns.resolver
-
-    res = _resolver(resolver)
+    parse_resolver(resolver)  # a bad address is refused before any query
     _, groups = record_groups(site, topology, secrets)
     wanted: dict[tuple[str, str], list[Record]] = {}
     for r in (r for g in groups for r in g):
@@ -220,15 +222,7 @@ def check(site: Site, resolver: str, topology: str | None = None,
 
     problems, matched = [], []
     for (name, rtype), expected in wanted.items():
-        try:
-            answer = res.resolve(name, rtype, raise_on_no_answer=False)
-            rrset = answer.rrset
-            published = [] if rrset is None else [_published(rd) for rd in rrset]
-        except dns.resolver.NXDOMAIN:
-            published = []
-        except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
-            raise ConfigError(f"the resolver at {resolver} gave no answer for {name} {rtype}: {e}",
-                              hint="name a resolver that answers this host (--resolver ADDRESS[:PORT])") from None
+        published = lookup(resolver, name, rtype)
         if rtype == "TXT":
             for r in expected:
                 same_kind = [p for p in published if _kind(p) == _kind(r.value)]

@@ -34,6 +34,7 @@ class SiteCertificate:
     subject: str
     names: tuple[str, ...]  # the subjectAltName DNS names
     not_after: datetime.datetime
+    public_key: str  # PEM, the leaf's (checked against the key at load)
 
     @property
     def leaf_der(self) -> bytes:
@@ -47,8 +48,7 @@ class SiteCertificate:
     @property
     def spki_sha256(self) -> str:
         """SHA-256 of the leaf's public key (SubjectPublicKeyInfo): a TLSA 3 1 1 record."""
-        pem = _openssl(["x509", "-noout", "-pubkey"], self.chain)
-        return hashlib.sha256(_blocks(pem, "PUBLIC KEY")[0]).hexdigest()
+        return hashlib.sha256(_blocks(self.public_key, "PUBLIC KEY")[0]).hexdigest()
 
     def covers(self, name: str) -> bool:
         name = name.rstrip(".").lower()
@@ -136,4 +136,4 @@ def load(certificate: Path, key: Path, now: datetime.datetime | None = None) -> 
         raise ConfigError(f"{certificate}: the certificate expired on {not_after:%Y-%m-%d}",
                           hint="renew it, or remove the tls section (each node then makes a self-signed one)")
     names = tuple(re.findall(r"DNS:([^,\s]+)", info))
-    return SiteCertificate(chain, key_pem, subject.group(1).strip() if subject else "", names, not_after)
+    return SiteCertificate(chain, key_pem, subject.group(1).strip() if subject else "", names, not_after, leaf_public)
