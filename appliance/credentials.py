@@ -8,6 +8,8 @@ Credentials a node receives (every image of a role is the same; these make it a 
   system.hostname                 the node's name
   network.network.10-cluster      its static address on the cluster NIC (systemd-networkd)
   mailcluster.node                "NAME ROLE ADDRESS": checked against the image's role
+  mailcluster.resolvers           the site's DNS resolvers, an address per line (none: the
+                                  node resolves nothing); identity writes /etc/resolv.conf
   mailcluster.peers               the cluster as the site describes it now (node, user,
                                   alias, catchall and backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
   mailcluster.cluster-key         the node's own SSH key for announcements to the other
@@ -231,6 +233,7 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "network.network.10-cluster": network.encode(),
         "mailcluster.node": f"{node.name} {node.role} {node.address}\n".encode(),
         "mailcluster.peers": peers(site).encode(),
+        "mailcluster.resolvers": "".join(f"{a}\n" for a in site.network.resolvers).encode(),
         "mailcluster.cluster-key": secrets.cluster_key(node.name).encode(),
         "mailcluster.cluster-cert": secrets.cluster_cert(node).encode(),
         "mailcluster.node-ca": secrets.node_ca_public().encode(),

@@ -1,6 +1,7 @@
 """Every site value that reaches a file has a strict grammar; a bad site file gets one
 clear error naming the file and the key (or the byte offset), never a traceback."""
 import os
+import subprocess
 
 import pytest
 
@@ -10,7 +11,8 @@ from appliance.errors import ConfigError
 from appliance.render import render
 from appliance.profiles import ProfileSet
 from appliance.site import load_site
-from tests.tools import build_py as cli
+from appliance.credentials import Secrets, node_credentials
+from tests.tools import build_py as cli, script_lib
 from tests.unit.test_site import ROLES, error_of, write_site
 
 # A real SHA512-CRYPT hash (fixed: xdist workers must collect the same parameters).
@@ -173,16 +175,36 @@ def test_time_servers_reach_timesyncd_and_bad_ones_are_refused(tmp_path):
     assert "time.servers[0]" in msg
 
 
-def test_resolvers_reach_every_node_and_bad_ones_are_refused(tmp_path):
+def test_resolvers_reach_every_node_as_a_credential_and_bad_ones_are_refused(tmp_path):
+    """Every node's /etc/resolv.conf, written at boot from its credential (identity):
+    changing the resolvers makes new credentials, not new images."""
     p = write_site(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.53", "198.51.100.53"]))
-    ps = ProfileSet.load()
-    for role in ROLES:
-        out = render(Plan.of(ps, load_site(p, ROLES), role), tmp_path / role, tmp_path / "c", tmp_path / "p")
-        conf = next(out.glob("trees/*/10-base/etc/resolv.conf")).read_text()
-        assert [l for l in conf.splitlines() if not l.startswith("#")] == [
-            "nameserver 192.0.2.53", "nameserver 198.51.100.53"], role
+    site = load_site(p, ROLES)
+    lib = script_lib(tmp_path / "lib", "filter")
+    for node in site.nodes:
+        cred = tmp_path / f"{node.name}.resolvers"
+        cred.write_bytes(node_credentials(site, node, None, Secrets(tmp_path / "secrets"))["mailcluster.resolvers"])
+        conf = resolv_conf(lib, cred)
+        assert [l for l in conf.stdout.splitlines() if not l.startswith("#")] == [
+            "nameserver 192.0.2.53", "nameserver 198.51.100.53", "options trust-ad"], node.name
+    # A site without resolvers: the node resolves nothing (and is told so in the file).
+    (tmp_path / "none").write_text("")
+    assert "nameserver" not in resolv_conf(lib, tmp_path / "none").stdout
+    # What the script refuses, should a credential be made by hand.
+    for bad in ("192.0.2.53\noptions debug\n", "192.0.2.1\n192.0.2.2\n192.0.2.3\n192.0.2.4\n"):
+        (tmp_path / "bad").write_text(bad)
+        r = resolv_conf(lib, tmp_path / "bad", check=False)
+        assert r.returncode == 1 and "bad resolver" in r.stdout, r
     msg = error_of(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.53\noptions debug"]))
     assert "network.resolvers[0]" in msg
     msg = error_of(tmp_path, lambda d: d["network"].update(resolvers=["192.0.2.1", "192.0.2.2", "192.0.2.3",
                                                                          "192.0.2.4"]))
     assert "network.resolvers" in msg
+
+
+def resolv_conf(lib, credential, check: bool = True) -> subprocess.CompletedProcess:
+    """identity's resolv.conf from a mailcluster.resolvers credential (members.sh)."""
+    r = subprocess.run(["bash", "-c", '. "$MC_LIB/members.sh"; resolv_conf "$1"', "-", str(credential)],
+                       env={**os.environ, "MC_LIB": str(lib)}, capture_output=True, text=True)
+    assert not check or r.returncode == 0, r
+    return r

@@ -59,6 +59,23 @@ valid_ipv4() {
 	for o in "${BASH_REMATCH[@]:1}"; do ((10#$o <= 255)) || return 1; done
 }
 
+# resolv_conf FILE: resolv.conf for the addresses in FILE (one per line, at most three;
+# none, or no FILE: a node that resolves nothing), or what is wrong with them (status 1).
+resolv_conf() {
+	local address n=0
+	echo "# From credential mailcluster.resolvers (the site's network.resolvers)"
+	if [[ -e $1 ]]; then
+		while IFS= read -r address || [[ -n $address ]]; do
+			if ! valid_ipv4 "$address" || ((++n > 3)); then
+				echo "bad resolver '${address:0:40}' (at most three IPv4 addresses)"
+				return 1
+			fi
+			echo "nameserver $address"
+		done <"$1"
+	fi
+	if ((n)); then echo "options trust-ad"; else echo "# none: this node resolves no name outside /etc/hosts"; fi
+}
+
 # check_record FIELD...: empty output if the record is well formed, else what is wrong.
 check_record() {
 	case ${1:-} in
