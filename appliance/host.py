@@ -128,6 +128,10 @@ NEEDS = [
     Need("rsync", "rsync"),
     # The DNS tests' resolver for `./build.py dns --check` (the binary only: no service).
     Need("dnsmasq", "dnsmasq-base"),
+    # The test Internet's validating resolver and the tools that sign its zones (the DANE
+    # tests); its own service is switched off, the tests run one in a namespace.
+    Need("unbound", "unbound"),
+    Need("ldns-signzone", "ldnsutils"),
 ]
 
 
@@ -182,6 +186,9 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
     if any(n.package == "docker-registry" for n in need) and Path("/run/systemd/system").exists():
         # The package starts a registry on port 5000; the tests run their own on 127.0.0.1.
         _apt(["systemctl", "disable", "--now", "docker-registry.service"], env, log)
+    if any(n.package == "unbound" for n in need) and Path("/run/systemd/system").exists():
+        # A resolver on the host's 127.0.0.1:53 that nothing asked for.
+        _apt(["systemctl", "disable", "--now", "unbound.service"], env, log)
     still = missing()
     if still:
         raise ApplianceError("setup finished but these are still missing:\n"

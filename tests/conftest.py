@@ -18,6 +18,7 @@ from appliance.profiles import ProfileSet
 from appliance.site import CatchAll, Tls, load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
+from tests.internet import Internet, address_on
 from tests.tools import site_certificate
 
 _live: list[Machine] = []
@@ -120,11 +121,19 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
     # The shared cluster serves a site certificate (the operator's case worth testing end
     # to end); the self-signed fallback is the same unit's other branch (tests/unit/test_tls.py).
     # It also has a catch-all (off in the example): example.com's other addresses go to carol.
-    with_cert = site.model_copy(update={"tls": Tls(certificate=site_tls[0], key=site_tls[1]),
-                                        "catch_all": [CatchAll(domain="example.com", to=["carol@example.test"])]})
-    c = Cluster(with_cert, test_images, tmp_path_factory.mktemp("mail-cluster"),
-                plans=plans_of_test_images(profiles, site), secrets=secrets)
+    # Its nodes resolve names through the test Internet (tests/internet.py) on their switch,
+    # where the filters deliver users' mail to other domains.
+    internet_at = address_on(site.network.cluster)
+    changed = site.model_copy(update={
+        "tls": Tls(certificate=site_tls[0], key=site_tls[1]),
+        "catch_all": [CatchAll(domain="example.com", to=["carol@example.test"])],
+        "network": site.network.model_copy(update={"resolvers": [internet_at.ip]})})
+    workdir = tmp_path_factory.mktemp("mail-cluster")
+    c = Cluster(changed, test_images, workdir, plans=plans_of_test_images(profiles, site), secrets=secrets)
+    c.switch.start()
+    c.internet = internet = Internet(workdir / "internet", c.switch.directory, internet_at)
     try:
+        internet.start()
         boot(c, *SHARED_NODES)
         # What `./build.py run --cluster` waits for before it prints the endpoints.
         c.wait_accepting_mail()
@@ -134,6 +143,7 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
             if m in _live:
                 _live.remove(m)
         c.close()
+        internet.stop()
 
 
 def boot(cluster: Cluster, *names: str) -> list[Machine]:

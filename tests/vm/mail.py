@@ -167,14 +167,14 @@ def queued(m: Machine) -> int:
     return len({json.loads(line)["queue_id"] for line in m.succeed("postqueue -j").splitlines() if line.strip()})
 
 
-def queued_message(m: Machine, recipient: str) -> bytes:
-    """The message in `m`'s Postfix queue for `recipient`, as it would leave: headers
-    (those a milter added included) and body."""
+def queued_for(m: Machine, recipient: str) -> list[tuple[str, str]]:
+    """(queue ID, why it waits) of each message in `m`'s Postfix queue for `recipient`."""
+    out = []
     for line in m.succeed("postqueue -j").splitlines():
         entry = json.loads(line) if line.strip() else {}
-        if any(r["address"] == recipient for r in entry.get("recipients", [])):
-            return m.succeed(f"postcat -bh -q {entry['queue_id']}").encode()
-    raise AssertionError(f"{m.name} queues no message for {recipient}:\n" + m.execute("postqueue -p")[1])
+        out += [(entry["queue_id"], r.get("delay_reason", "")) for r in entry.get("recipients", [])
+                if r["address"] == recipient]
+    return out
 
 
 def backend_status(c, backend: str = "filters_25") -> dict[str, str]:

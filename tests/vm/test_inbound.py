@@ -23,8 +23,9 @@ from appliance.qemu import USER_NET_HOST
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests.conftest import _live
+from tests import internet
 from tests.tools import zone_txt
-from tests.vm.mail import (FILTERS, USERS, imap_tokens, message, new_tokens, queued, queued_message, send, send_in_sessions,
+from tests.vm.mail import (FILTERS, USERS, imap_tokens, message, new_tokens, queued, queued_for, send, send_in_sessions,
                            wait_backends, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -280,7 +281,7 @@ def test_connection_flood_from_one_address_is_refused_while_others_are_served(cl
 
 def test_users_send_through_submission_and_out_via_the_filters(cluster):
     """587 on the mailstore: STARTTLS, then SASL through Dovecot, then only as yourself;
-    the mail leaves through a filter (no Internet here, so it waits in a filter's queue)."""
+    the mail leaves through a filter, signed, over TLS, to the test Internet's receiver."""
     store, secrets = cluster["store1"], cluster.secrets
     alice, bob = USERS[0], USERS[1]
     _, token = new_tokens(1)[0]
@@ -315,21 +316,45 @@ def test_users_send_through_submission_and_out_via_the_filters(cluster):
     assert (tags[b"d"], tags[b"s"]) == (b"example.test", secrets.dkim_selector("example.test").encode()), tags
 
 
-def left_through(cluster, token: str) -> tuple[str, bytes]:
-    """The filter that relayed the message with `token` to friend@example.net, and the
-    message as it left (it cannot leave the test network: it is taken off the queue)."""
-    store = cluster["store1"]
-    try:
-        (name, log), = retry(lambda last: handled_by(cluster, token), timeout=120, interval=3,
-                             until=lambda logs: any("to=<friend@example.net>" in text for text in logs.values())).items()
-    except Timeout as e:
-        raise AssertionError(f"no filter relayed the message (their logs of it: {e.last});"
-                             " mailstore queue:\n" + store.execute("postqueue -p")[1]) from None
-    assert "postfix/outbound" in log and "to=<friend@example.net>" in log, log
+def left_through(cluster, token: str, to: str = "friend@example.net") -> tuple[str, bytes]:
+    """The filter that relayed the message with `token` out, and the message as the test
+    Internet's receiver got it: over TLS, from that filter, greeted with the filter's
+    name (whose A record ./build.py dns prints)."""
+    meta, sent = cluster.internet.wait_for(token)
+    (name, log), = handled_by(cluster, token).items()
+    assert "postfix/outbound" in log and re.search(rf"to=<{re.escape(to)}>.*status=sent", log), log
     assert "DKIM_SIGNED" in log, log  # rspamd's own account (the inbound test reads it)
-    sent = queued_message(cluster[name], "friend@example.net")
-    cluster[name].succeed("postsuper -d ALL")
+    node = cluster.site.node(name)
+    assert meta["rcpt_tos"] == [to] and meta["peer"] == str(node.address), meta
+    assert meta["tls"] in ("TLSv1.2", "TLSv1.3"), f"the filter sent without TLS: {meta}"
+    assert meta["helo"] == f"{name}.{cluster.site.domain}", meta
     return name, sent
+
+
+def test_a_receiver_that_does_not_match_its_dane_records_gets_nothing(cluster):
+    """dane.example publishes, in a DNSSEC-signed zone, a TLSA record its receiver's
+    certificate does not match (tests/internet.py): the filter keeps the mail and says
+    why, instead of handing it to whoever answers. (Plain example.net gets the same
+    receiver's mail over opportunistic TLS: the submission test.)"""
+    _, token = new_tokens(1)[0]
+    submit(cluster, token, to=f"friend@{internet.DANE}")
+    assert_kept_back(cluster, token, f"friend@{internet.DANE}")
+
+
+def assert_kept_back(cluster, token: str, to: str) -> None:
+    """The filter that took the message with `token` tried `to`'s receiver, refused its
+    certificate and kept the message queued; the receiver got nothing. (The message is
+    then deleted, so that the next test sees empty queues.)"""
+    try:
+        (name, log), = retry(lambda last: handled_by(cluster, token), timeout=180, interval=3,
+                             until=lambda logs: any(f"to=<{to}>" in t and "status=" in t for t in logs.values())).items()
+    except Timeout as e:
+        raise AssertionError(f"no filter tried to deliver the message (their logs of it: {e.last})") from None
+    assert re.search(rf"to=<{re.escape(to)}>.*status=deferred.*Server certificate not verified", log), log
+    (qid, reason), = queued_for(cluster[name], to)
+    assert "certificate not verified" in reason, reason
+    cluster[name].succeed(f"postsuper -d {qid}")
+    assert not [m for m, body in cluster.internet.received() if token.encode() in body]
 
 
 def dkim_verifies(sent: bytes, zone: str) -> bool:

@@ -1,0 +1,191 @@
+"""The test "Internet": a network namespace plugged into a cluster's switch, standing for
+every other mail system. Nothing in it reaches further than that switch.
+
+It runs what the filters meet when they deliver users' mail out:
+- a validating resolver (unbound) that the site's network.resolvers point at, answering
+  from zones the test makes here: example.net (plain), dane.example (DNSSEC-signed, with
+  a TLSA record that the receiver's certificate does not match; its trust anchor is
+  given to this resolver, whose DNSSEC verdict the filters trust);
+- a mail server (tests/receiver.py) for every MX of those zones, with STARTTLS, which
+  keeps what it accepts, and HTTPS for sts.example's MTA-STS policy ("enforce", for an MX
+  name the mail server's certificate does not cover). Its certificates come from a CA
+  of this run (`ca`), which a test that wants them trusted installs on the filters.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.paths import HOST_PATH
+from appliance.wait import Timeout, retry
+from tests.tools import site_certificate
+
+# Zone -> its records (relative names, as in a zone file); "@" is the zone itself. MX
+# hosts' addresses are the namespace's own (ADDRESS).
+PLAIN = "example.net"
+DANE = "dane.example"
+ZONES = {
+    PLAIN: ["@ MX 10 mx", "mx A {address}"],
+    DANE: ["@ MX 10 mx", "mx A {address}",
+           # DANE-EE, SPKI, SHA-256 of a key that is not the receiver's: a filter must refuse it.
+           "_25._tcp.mx TLSA 3 1 1 " + hashlib.sha256(b"not the receiver's key").hexdigest()],
+}
+STS = "sts.example"
+ZONES[STS] = ["@ MX 10 mx", "mx A {address}", "mta-sts A {address}", '_mta-sts TXT "v=STSv1; id=1"']
+STS_POLICY = f"version: STSv1\nmode: enforce\nmx: mx.{STS}\nmax_age: 86400\n"
+SIGNED = (DANE,)
+IP = shutil.which("ip", path=HOST_PATH) or "ip"
+# The namespace's host number on the cluster's network.
+HOST = 200
+
+
+def address_on(network: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
+    """Where the test Internet sits on a site's cluster network."""
+    return ipaddress.IPv4Interface(f"{network[HOST]}/{network.prefixlen}")
+
+
+def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    cmd = (shutil.which(cmd[0], path=HOST_PATH) or cmd[0], *cmd[1:])  # (sbin is not on every PATH)
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+class Internet:
+    _ids = itertools.count(1)
+
+    def __init__(self, workdir: Path, switch: Path, address: ipaddress.IPv4Interface):
+        self.workdir, self.switch, self.address = workdir, switch, address
+        self.netns = f"mc-net-{os.getpid()}-{next(self._ids)}"
+        self.inbox = workdir / "inbox"
+        self.procs: list[subprocess.Popen] = []
+        self.plug_pid = workdir / "plug.pid"
+        self.created = False
+
+    @property
+    def ip(self) -> str:
+        return str(self.address.ip)
+
+    def start(self) -> "Internet":
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        self.inbox.mkdir()
+        run("ip", "netns", "add", self.netns)
+        self.created = True
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
+                    ["ip", "address", "add", str(self.address), "dev", "tap0"], ["ip", "link", "set", "tap0", "up"],
+                    ["vde_plug2tap", "-d", "-s", str(self.switch), "-P", str(self.plug_pid), "tap0"]):
+            self.exec(*cmd)
+        self._zones()
+        self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
+        chain, key, self.ca = site_certificate(self.workdir / "tls", [f"mx.{PLAIN}", f"mta-sts.{STS}"])
+        www = self.workdir / "www"
+        (www / ".well-known").mkdir(parents=True)
+        (www / ".well-known/mta-sts.txt").write_text(STS_POLICY)
+        self._spawn("receiver", sys.executable, "-m", "tests.receiver", str(self.inbox), self.ip, str(chain), str(key),
+                    str(www), cwd=Path(__file__).parent.parent)
+        try:
+            retry(lambda last: self._alive() and (self.inbox / "ready").exists() and self._resolves(),
+                  timeout=60, interval=0.2)
+        except Timeout:
+            raise RuntimeError("the test Internet did not come up:\n" + self.logs()) from None
+        return self
+
+    def exec(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", self.netns, *cmd, **kw)
+
+    def _spawn(self, name: str, *cmd: str, cwd: Path | None = None) -> None:
+        with open(self.workdir / f"{name}.log", "w") as log:
+            cmd = (shutil.which(cmd[0], path=HOST_PATH) or cmd[0], *cmd[1:])
+            self.procs.append(subprocess.Popen([IP, "netns", "exec", self.netns, *cmd], stdout=log,
+                                               stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True))
+
+    def _alive(self) -> bool:
+        dead = [p.args for p in self.procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"the test Internet's {dead} exited:\n" + self.logs())
+        return True
+
+    def _resolves(self) -> bool:
+        ask = ("import dns.resolver, sys; r = dns.resolver.Resolver(configure=False); r.nameservers = [sys.argv[1]]; "
+               "print(r.resolve(sys.argv[2], 'MX', lifetime=2)[0].exchange)")
+        r = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", ask, self.ip, f"{PLAIN}."],
+                           capture_output=True, text=True)
+        return r.returncode == 0 and r.stdout.strip() == f"mx.{PLAIN}."
+
+    def _zones(self) -> None:
+        """Zone files (the signed ones signed here, with a new key each run) and the
+        resolver's configuration: each zone served from its file and validated like data
+        from any other server; every other name refused, never looked for outside."""
+        server = [
+            "server:", f"  interface: {self.ip}", "  port: 53", "  do-daemonize: no", '  chroot: ""', '  username: ""',
+            f'  directory: "{self.workdir}"', '  pidfile: ""', "  use-syslog: no", '  logfile: ""', "  verbosity: 1",
+            f"  access-control: {self.address.network} allow", '  module-config: "validator iterator"',
+            "  val-log-level: 2", '  local-zone: "." refuse',
+        ]
+        zones: list[str] = []
+        for zone, records in ZONES.items():
+            path = self.workdir / f"{zone}.zone"
+            soa = f"@ SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300"
+            path.write_text(f"$ORIGIN {zone}.\n$TTL 300\n{soa}\n@ NS mx\n"
+                            + "".join(r.format(address=self.ip) + "\n" for r in records))
+            if zone in SIGNED:
+                ksk = run("ldns-keygen", "-a", "ED25519", "-k", zone, cwd=self.workdir).stdout.strip()
+                zsk = run("ldns-keygen", "-a", "ED25519", zone, cwd=self.workdir).stdout.strip()
+                run("ldns-signzone", "-n", path.name, ksk, zsk, cwd=self.workdir)
+                path = path.with_name(path.name + ".signed")
+                server.append(f'  trust-anchor-file: "{self.workdir / (ksk + ".ds")}"')
+            server.append(f'  local-zone: "{zone}." transparent')
+            zones += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{path}"', "  for-upstream: yes",
+                      "  for-downstream: no", "  fallback-enabled: no"]
+        (self.workdir / "unbound.conf").write_text("\n".join(server + zones) + "\n")
+
+    # ---- what arrived ------------------------------------------------------------------
+    def received(self) -> list[tuple[dict, bytes]]:
+        """Every message the receiver accepted: (envelope and TLS, message)."""
+        out = []
+        for meta in sorted(self.inbox.glob("*.json"), key=lambda p: int(p.stem)):
+            out.append((json.loads(meta.read_text()), meta.with_suffix(".eml").read_bytes()))
+        return out
+
+    def wait_for(self, token: str, timeout: float = 180) -> tuple[dict, bytes]:
+        try:
+            return retry(lambda last: next(((m, b) for m, b in self.received() if token.encode() in b), None),
+                         timeout=timeout, interval=1, until=lambda r: r is not None)
+        except Timeout:
+            raise AssertionError(f"no message with {token} reached the test Internet's receiver;\n" + self.logs()) from None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:])
+                         for p in sorted(self.workdir.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        self.procs.clear()
+        if self.plug_pid.exists():
+            try:
+                os.kill(int(self.plug_pid.read_text().strip()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
+            self.plug_pid.unlink(missing_ok=True)
+        if self.created:
+            subprocess.run([IP, "netns", "delete", self.netns], capture_output=True)
+            self.created = False
+
