@@ -357,6 +357,32 @@ def assert_kept_back(cluster, token: str, to: str) -> None:
     assert not [m for m, body in cluster.internet.received() if token.encode() in body]
 
 
+def test_an_mta_sts_enforce_policy_keeps_mail_from_a_receiver_it_does_not_name(cluster):
+    """sts.example publishes an MTA-STS policy (mode enforce, MX mx.sts.example) over
+    HTTPS; its receiver's certificate names another host (tests/internet.py). While the
+    policy cannot be fetched (the filters do not trust its server's CA) the filter
+    delivers as to any domain; once they trust it, the policy holds: the filter defers."""
+    to = f"friend@{internet.STS}"
+    (_, before), (_, after) = new_tokens(2)
+    submit(cluster, before, to=to)
+    assert cluster.internet.wait_for(before)[0]["rcpt_tos"] == [to]
+
+    def trust(name: str) -> list[str]:
+        """The filter trusts the test Internet's CA (the resolver reads the store when it
+        starts); what it then answers Postfix for sts.example."""
+        f = cluster[name]
+        f.copy_from_host(cluster.internet.ca, "/usr/local/share/ca-certificates/test-internet.crt")
+        f.succeed("update-ca-certificates >/dev/null && systemctl restart postfix-mta-sts-resolver && postfix reload")
+        return f.wait_until_succeeds(f"postmap -q {internet.STS} socketmap:inet:127.0.0.1:8461:postfix",
+                                     timeout=240).split()
+
+    with subtest("the filters trust the test Internet's CA"), concurrent.futures.ThreadPoolExecutor() as pool:
+        for answer in pool.map(trust, FILTERS):
+            assert answer == ["secure", f"match=mx.{internet.STS}", "servername=hostname"]
+    submit(cluster, after, to=to)
+    assert_kept_back(cluster, after, to)
+
+
 def dkim_verifies(sent: bytes, zone: str) -> bool:
     """Whether a verifier that knows only `zone` (./build.py dns) accepts the signature."""
     published = zone_txt(zone)
@@ -473,3 +499,4 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     tags = parse_tag_value(email.message_from_bytes(after)["DKIM-Signature"].encode())
     assert (name, tags[b"s"]) == ("filter1", new.encode())
     assert dkim_verifies(after, zone) and dkim_verifies(before, zone)
+
