@@ -8,7 +8,7 @@ Credentials a node receives (every image of a role is the same; these make it a 
   system.hostname                 the node's name
   network.network.10-cluster      its static address on the cluster NIC (systemd-networkd)
   mailcluster.node                "NAME ROLE ADDRESS": checked against the image's role
-  mailcluster.resolvers           the site's DNS resolvers, an address per line (none: the
+  mailcluster.resolvers           the site's DNS resolvers, an address per line (absent: the
                                   node resolves nothing); identity writes /etc/resolv.conf
   mailcluster.peers               the cluster as the site describes it now (node, user,
                                   alias, catchall and backup records; overlays/10-base/usr/lib/mailcluster/members.sh)
@@ -29,6 +29,12 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.dkim-key.DOMAIN     filter: the private key that signs DOMAIN's outgoing mail
   mailcluster.dkim-selectors      filter: "DOMAIN SELECTOR" per line, the selector each
                                   domain signs with (its public key: ./build.py dns)
+  mailcluster.acme-thumbprint     with tls.acme: the ACME account key's thumbprint (public),
+                                  which every node's port 80 answers challenges with
+  mailcluster.acme                with tls.acme, filter, mailstore: lines directory URL,
+                                  contact, the names its certificate covers (appliance/acme.py)
+  mailcluster.acme-account        ... the site's ACME account key (secret)
+  mailcluster.acme-ca             ... the CA of the ACME server's HTTPS, when the site gives one
   mailcluster.tls-cert            filter, mailstore: the site's certificate chain (PEM), when
   mailcluster.tls-key             the site file gives one (tls:), and its key; without them
                                   the node makes a self-signed one (mailcluster-tls.service)
@@ -42,7 +48,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import paths
+from . import acme, paths
 from .passwords import hash_password
 from .site import Node, Site
 
@@ -130,6 +136,12 @@ class Secrets:
         """The private key of DOMAIN's selector (default: the current one)."""
         selector = selector or self.dkim_selector(domain)
         return self.get_or_create("dkim", domain, f"{selector}.key", make=dkim_private_key)
+
+    def acme_account_key(self) -> str:
+        """The site's ACME account key (tls.acme), shared by the nodes that order."""
+        from .acme import new_account_key
+
+        return self.get_or_create("acme", "account.key", make=new_account_key)
 
     def mailstore_key(self, node: str) -> str:
         # 32 random bytes as text: eCryptfs derives the file-encryption key from it.
@@ -233,11 +245,13 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
         "network.network.10-cluster": network.encode(),
         "mailcluster.node": f"{node.name} {node.role} {node.address}\n".encode(),
         "mailcluster.peers": peers(site).encode(),
-        "mailcluster.resolvers": "".join(f"{a}\n" for a in site.network.resolvers).encode(),
         "mailcluster.cluster-key": secrets.cluster_key(node.name).encode(),
         "mailcluster.cluster-cert": secrets.cluster_cert(node).encode(),
         "mailcluster.node-ca": secrets.node_ca_public().encode(),
     }
+    if site.network.resolvers:
+        creds["mailcluster.resolvers"] = "".join(f"{a}\n" for a in site.network.resolvers).encode()
+    creds.update(acme.credentials(site, node, secrets, orders=node.role in TLS_ROLES))
     if node.role in TLS_ROLES:
         cert = site.site_certificate()
         if cert is not None:

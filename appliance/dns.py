@@ -82,22 +82,33 @@ def topology_of(site: Site, topology: str | None) -> str:
     return topology
 
 
+def mx_hosts(site: Site, topology: str | None = None) -> list[str]:
+    """The MX host names (absolute): the frontends', or one name for every filter."""
+    if topology_of(site, topology) == "frontend":
+        return [f"{n.name}.{site.domain}." for n in site.nodes_with_role("frontend")]
+    return [f"mx.{site.domain}."]
+
+
 def record_groups(site: Site, topology: str | None = None,
                   secrets: "Secrets | None" = None) -> tuple[str, list[list[Record]]]:
     """The topology, and every record the site needs in groups (MX, A, SPF, DKIM, DMARC,
     TLS-RPT, TLSA)."""
     topology = topology_of(site, topology)
     frontends, filters = site.nodes_with_role("frontend"), site.nodes_with_role("filter")
+    hosts = mx_hosts(site, topology)
     if topology == "frontend":
-        mx_hosts = [f"{n.name}.{site.domain}." for n in frontends]
         a_records = [(f"{n.name}.{site.domain}.", *_addr(n)) for n in frontends]
     else:
         # One name, several A records: every filter is an equal MX.
-        mx_hosts = [f"mx.{site.domain}."]
         a_records = [(f"mx.{site.domain}.", *_addr(n)) for n in filters]
+    standby = {p.backup for p in site.backups}
     groups = [
-        [Record(f"{d}.", "MX", f"10 {host}") for d in site.mail_domains for host in mx_hosts],
+        [Record(f"{d}.", "MX", f"10 {host}") for d in site.mail_domains for host in hosts],
         [Record(name, "A", addr, note) for name, addr, note in a_records],
+        # The names users reach their mailstore by (IMAP, submission): a standby backup
+        # gets its record when it takes over.
+        [Record(f"{n.name}.{site.domain}.", "A", *_addr(n)) for n in site.nodes_with_role("mailstore")
+         if n.name not in standby],
         # The names the filters greet with (HELO: their myhostname) when they send out:
         # receivers check that each resolves to the address the mail came from.
         [Record(f"{n.name}.{site.domain}.", "A", *_addr(n)) for n in filters],
@@ -116,7 +127,7 @@ def record_groups(site: Site, topology: str | None = None,
     if cert is not None:
         # DANE-EE, the key's SHA-256: it survives a renewal that keeps the key. A new key
         # needs its record published beside the old one a few TTLs before it is installed.
-        groups.append([Record(f"_25._tcp.{host}", "TLSA", f"3 1 1 {cert.spki_sha256}") for host in mx_hosts])
+        groups.append([Record(f"_25._tcp.{host}", "TLSA", f"3 1 1 {cert.spki_sha256}") for host in hosts])
     return topology, [g for g in groups if g]
 
 

@@ -132,6 +132,8 @@ NEEDS = [
     # tests); its own service is switched off, the tests run one in a namespace.
     Need("unbound", "unbound"),
     Need("ldns-signzone", "ldnsutils"),
+    # The ACME tests' CA (a test server: it keeps nothing, and runs only when they start it).
+    Need("pebble", "pebble"),
 ]
 
 

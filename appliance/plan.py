@@ -149,8 +149,11 @@ class Plan:
         cert = self.site.site_certificate()
         if cert is not None:
             return cert.describe()
+        if self.site.tls.acme is not None:
+            return (f"ACME: each node gets its own from {self.site.tls.acme.directory} and renews it "
+                    "(self-signed until the CA has answered)")
         return ("self-signed: each node makes its own at first boot (the site file's tls.certificate "
-                "and tls.key give the nodes a CA's)")
+                "and tls.key give the nodes a CA's, tls.acme an ACME CA's)")
 
     def describe(self) -> dict[str, Any]:
         """What `./build.py show` prints (and `--json` gives)."""

@@ -213,12 +213,29 @@ class Frontend(_Model):
         return sorted(value)
 
 
+# An ACME directory: https only, and nothing a shell or a config line could misread.
+AcmeUrl = Annotated[str, StringConstraints(pattern=r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$",
+                                           max_length=300)]
+
+
+class Acme(_Model):
+    """Certificates from an ACME CA (RFC 8555), which each node that serves TLS obtains
+    and renews itself (appliance/acme.py)."""
+    directory: AcmeUrl = Field(description="the CA's ACME directory URL, e.g. "
+                                           "https://acme-v02.api.letsencrypt.org/directory")
+    contact: MailAddress = Field(description="the account's contact: where the CA writes about expiry and problems")
+    ca: Path | None = Field(default=None, description="PEM: the CA that signed the ACME server's own HTTPS "
+                                                      "certificate, when it is not a public one (a private ACME CA)")
+
+
 class Tls(_Model):
     """The site's own certificate, for every node that serves TLS (SMTP, submission,
-    IMAP). Paths relative to the site file. Unset: each node makes its own self-signed
-    certificate at first boot."""
+    IMAP), or ACME. Paths relative to the site file. Neither: each node makes its own
+    self-signed certificate at first boot."""
     certificate: Path | None = Field(default=None, description="PEM chain, the nodes' certificate first")
     key: Path | None = Field(default=None, description="its unencrypted PEM private key (mode 0600)")
+    acme: Acme | None = Field(default=None, description="instead of a certificate: each node gets its own "
+                                                        "from this ACME CA (HTTP-01 on port 80) and renews it")
     reports: MailAddress | None = Field(
         default=None, description="where senders report TLS failures (TLS-RPT, RFC 8460: ./build.py dns)")
 
@@ -227,6 +244,9 @@ class Tls(_Model):
         if (self.certificate is None) != (self.key is None):
             raise ValueError("tls.certificate and tls.key go together: give both, or neither "
                              "(each node then makes its own self-signed certificate)")
+        if self.certificate is not None and self.acme is not None:
+            raise ValueError("tls.certificate and tls.acme exclude each other: give the site's certificate, "
+                             "or let the nodes get theirs from an ACME CA")
         return self
 
 
@@ -287,6 +307,14 @@ class Site(_Model):
     time: Time = Time()
     image: Image = Image()
 
+    def acme_ca(self) -> str | None:
+        """tls.acme.ca, read and checked now (PEM certificates only)."""
+        from . import tls
+
+        if self.tls.acme is None or self.tls.acme.ca is None:
+            return None
+        return tls.load_certificates(self.tls.acme.ca)
+
     def site_certificate(self) -> "SiteCertificate | None":
         """The site's certificate and key, read and checked now (None: self-signed nodes)."""
         from . import tls
@@ -319,7 +347,8 @@ class Site(_Model):
         if role == "frontend" and frontends:
             return {FRONTEND_PORTS[p]: Port(port=p) for p in self.frontend.ports}
         if role == "filter" and not frontends:
-            return {"smtp": Port(port=25)}
+            # The MX: its name validates ACME challenges here.
+            return {"smtp": Port(port=25), "acme-challenge": Port(port=80)}
         if role == "mailstore":
             return {f"{FRONTEND_PORTS[p]}-proxied": Port(port=local, allow=[member_set("frontend")])
                     for p, local in self.proxied_submission_ports().items()}
@@ -501,6 +530,14 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
                 for i, n in bad
             )
         )
+    if site.tls.acme is not None and site.tls.acme.ca is not None:
+        base = source.parent if isinstance(source, Path) else Path.cwd()
+        site = site.model_copy(update={"tls": site.tls.model_copy(update={
+            "acme": site.tls.acme.model_copy(update={"ca": base / site.tls.acme.ca})})})
+        try:
+            site.acme_ca()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: tls.acme.ca: {e.message}", hint=e.hint) from None
     if site.tls.certificate is not None and site.tls.key is not None:
         # Relative to the site file, like an operator writes them; checked now, so a wrong
         # file is refused before anything is built or booted.

@@ -100,6 +100,22 @@ def _read(path: Path, what: str, secret: bool) -> str:
         raise ConfigError(f"{path}: not PEM text (DER? convert it with openssl)", hint=HINT) from None
 
 
+def load_certificates(path: Path) -> str:
+    """A PEM file of CA certificates (tls.acme.ca): only its certificate blocks, each one
+    readable by openssl."""
+    text = _read(path, "CA certificate", secret=False)
+    blocks = [m.group(0) for m in _PEM.finditer(text)]
+    if not blocks or any(m.group(1) != "CERTIFICATE" for m in _PEM.finditer(text)):
+        raise ConfigError(f"{path}: expected PEM certificates only (BEGIN CERTIFICATE)",
+                          hint="the CA that signed the ACME server's HTTPS certificate, as PEM")
+    for block in blocks:
+        try:
+            _openssl(["x509", "-noout"], block + "\n")
+        except ValueError as e:
+            raise ConfigError(f"{path}: not a readable X.509 certificate: {e}") from None
+    return "".join(b + "\n" for b in blocks)
+
+
 def load(certificate: Path, key: Path, now: datetime.datetime | None = None) -> SiteCertificate:
     """Read and check the site's certificate and key: PEM, the key is the leaf's, and the
     leaf is valid now. Raises ConfigError naming the file and what to do."""

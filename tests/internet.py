@@ -9,10 +9,13 @@ It runs what the filters meet when they deliver users' mail out:
 - a mail server (tests/receiver.py) for every MX of those zones, with STARTTLS, which
   keeps what it accepts, and HTTPS for sts.example's MTA-STS policy ("enforce", for an MX
   name the mail server's certificate does not cover). Its certificates come from a CA
-  of this run (`ca`), which a test that wants them trusted installs on the filters.
+  of this run (`ca`), which a test that wants them trusted installs on the filters;
+- an ACME CA (pebble) at ACME_DIRECTORY, validating HTTP-01 challenges on port 80 of the
+  names the site's zones (`site_zones`: what ./build.py dns prints) point at.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import itertools
@@ -33,7 +36,7 @@ from tests.tools import site_certificate
 PLAIN = "example.net"
 DANE = "dane.example"
 ZONES = {
-    PLAIN: ["@ MX 10 mx", "mx A {address}"],
+    PLAIN: ["@ MX 10 mx", "mx A {address}", "acme A {address}"],
     DANE: ["@ MX 10 mx", "mx A {address}",
            # DANE-EE, SPKI, SHA-256 of a key that is not the receiver's: a filter must refuse it.
            "_25._tcp.mx TLSA 3 1 1 " + hashlib.sha256(b"not the receiver's key").hexdigest()],
@@ -42,9 +45,23 @@ STS = "sts.example"
 ZONES[STS] = ["@ MX 10 mx", "mx A {address}", "mta-sts A {address}", '_mta-sts TXT "v=STSv1; id=1"']
 STS_POLICY = f"version: STSv1\nmode: enforce\nmx: mx.{STS}\nmax_age: 86400\n"
 SIGNED = (DANE,)
+ACME_DIRECTORY = f"https://acme.{PLAIN}:14000/dir"
 IP = shutil.which("ip", path=HOST_PATH) or "ip"
 # The namespace's host number on the cluster's network.
 HOST = 200
+
+
+def site_zones(records: list) -> dict[str, list[str]]:
+    """./build.py dns's records (appliance/dns.Record) as zones to serve: one per mail
+    domain, each record under the longest domain it belongs to."""
+    domains = sorted({r.name.rstrip(".") for r in records if r.type == "MX"}, key=len, reverse=True)
+    out: dict[str, list[str]] = {}
+    for r in records:
+        name = r.name.rstrip(".")
+        zone = next((d for d in domains if name == d or name.endswith("." + d)), None)
+        if zone is not None:
+            out.setdefault(zone, []).append(dataclasses.replace(r, note="").line())
+    return out
 
 
 def address_on(network: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
@@ -63,8 +80,11 @@ def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
 class Internet:
     _ids = itertools.count(1)
 
-    def __init__(self, workdir: Path, switch: Path, address: ipaddress.IPv4Interface):
+    def __init__(self, workdir: Path, switch: Path, address: ipaddress.IPv4Interface,
+                 site_zones: dict[str, list[str]] | None = None):
+        """`site_zones`: more zones to serve, name -> records (zone-file lines, absolute names)."""
         self.workdir, self.switch, self.address = workdir, switch, address
+        self.site_zones = site_zones or {}
         self.netns = f"mc-net-{os.getpid()}-{next(self._ids)}"
         self.inbox = workdir / "inbox"
         self.procs: list[subprocess.Popen] = []
@@ -87,7 +107,14 @@ class Internet:
             self.exec(*cmd)
         self._zones()
         self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
-        chain, key, self.ca = site_certificate(self.workdir / "tls", [f"mx.{PLAIN}", f"mta-sts.{STS}"])
+        chain, key, self.ca = site_certificate(self.workdir / "tls", [f"mx.{PLAIN}", f"mta-sts.{STS}", f"acme.{PLAIN}"])
+        (self.workdir / "pebble.json").write_text(json.dumps({"pebble": {
+            "listenAddress": f"{self.ip}:14000", "managementListenAddress": f"{self.ip}:15000",
+            "certificate": str(chain), "privateKey": str(key), "httpPort": 80, "tlsPort": 5001,
+            "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
+        # Validations at once, and no nonce refused for testing clients' retries.
+        self._spawn("acme", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "pebble", "-config",
+                    str(self.workdir / "pebble.json"), "-dnsserver", f"{self.ip}:53")
         www = self.workdir / "www"
         (www / ".well-known").mkdir(parents=True)
         (www / ".well-known/mta-sts.txt").write_text(STS_POLICY)
@@ -133,11 +160,12 @@ class Internet:
             "  val-log-level: 2", '  local-zone: "." refuse',
         ]
         zones: list[str] = []
-        for zone, records in ZONES.items():
+        ours = {zone: [r.format(address=self.ip) for r in records] for zone, records in ZONES.items()}
+        for zone, records in {**ours, **self.site_zones}.items():
             path = self.workdir / f"{zone}.zone"
             soa = f"@ SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300"
-            path.write_text(f"$ORIGIN {zone}.\n$TTL 300\n{soa}\n@ NS mx\n"
-                            + "".join(r.format(address=self.ip) + "\n" for r in records))
+            path.write_text(f"$ORIGIN {zone}.\n$TTL 300\n{soa}\n@ NS ns\nns A {self.ip}\n"
+                            + "".join(r + "\n" for r in records))
             if zone in SIGNED:
                 ksk = run("ldns-keygen", "-a", "ED25519", "-k", zone, cwd=self.workdir).stdout.strip()
                 zsk = run("ldns-keygen", "-a", "ED25519", zone, cwd=self.workdir).stdout.strip()
@@ -148,6 +176,19 @@ class Internet:
             zones += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{path}"', "  for-upstream: yes",
                       "  for-downstream: no", "  fallback-enabled: no"]
         (self.workdir / "unbound.conf").write_text("\n".join(server + zones) + "\n")
+
+    def acme_roots(self) -> str:
+        """The ACME CA's root and intermediate certificates (PEM): pebble makes new ones
+        every start, and tells them on its management port."""
+        fetch = (
+            "import socket, ssl, sys\n"
+            "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+            "for what in ('roots', 'intermediates'):\n"
+            "    with socket.create_connection((sys.argv[2], 15000), timeout=10) as raw, "
+            "ctx.wrap_socket(raw, server_hostname=sys.argv[3]) as s:\n"
+            "        s.sendall(f'GET /{what}/0 HTTP/1.0\\r\\nHost: {sys.argv[3]}\\r\\n\\r\\n'.encode())\n"
+            "        print(b''.join(iter(lambda: s.recv(65536), b'')).split(b'\\r\\n\\r\\n', 1)[1].decode().strip())\n")
+        return self.exec(sys.executable, "-c", fetch, str(self.ca), self.ip, f"acme.{PLAIN}").stdout
 
     # ---- what arrived ------------------------------------------------------------------
     def received(self) -> list[tuple[dict, bytes]]:

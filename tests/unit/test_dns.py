@@ -45,6 +45,9 @@ def test_the_example_sites_records_parse_as_a_zone_fragment(env):
     assert [rd.to_text() for rd in zone[("example.test.", "MX")]] == ["10 fe1.example.test."]
     # the filters' HELO names resolve to the addresses they send from (and SPF allows)
     assert [rd.to_text() for rd in zone[("filter1.example.test.", "A")]] == ["10.77.0.21"]
+    # users reach their mailstore by its name; a standby backup is not published yet
+    assert [rd.to_text() for rd in zone[("store1.example.test.", "A")]] == ["10.77.0.31"]
+    assert ("store2.example.test.", "A") not in zone
     assert b"".join(zone[("mc1._domainkey.example.test.", "TXT")][0].strings).startswith(b"v=DKIM1; k=rsa; p=")
     assert not any(t == "TLSA" for _, t in zone)
     assert "No TLSA (DANE) records" in r.stdout

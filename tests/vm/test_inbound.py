@@ -8,6 +8,7 @@ import concurrent.futures
 import datetime
 import email
 import hashlib
+import imaplib
 import re
 import smtplib
 import socket
@@ -20,6 +21,7 @@ from dkim.util import parse_tag_value
 from appliance import dkim as dkim_rotation
 from appliance import dns
 from appliance.qemu import USER_NET_HOST
+from appliance.site import Acme, Tls
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests.conftest import _live
@@ -484,11 +486,7 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     zone = dns.records(site, None, secrets)  # the grace period's records: both keys
     assert {f"{old}._domainkey.example.test.", f"{new}._domainkey.example.test."} <= set(zone_txt(zone))
 
-    gone, rebooted = cluster.reboot_with_new_credentials("filter1")
-    _live.remove(gone)
-    gone.close()
-    _live.append(rebooted)
-    rebooted.wait_started()
+    (rebooted,) = reboot_with_new_credentials(cluster, "filter1")
     for unit in ("postfix.service", "rspamd.service"):
         rebooted.wait_for_unit(unit, timeout=600)
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
@@ -500,3 +498,81 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     assert (name, tags[b"s"]) == ("filter1", new.encode())
     assert dkim_verifies(after, zone) and dkim_verifies(before, zone)
 
+
+def reboot_with_new_credentials(cluster, *names: str) -> list:
+    """The operator's rolling reboot after changing the site: each node powered off and
+    booted again with the credentials the site gives now; returns the new machines,
+    started (their boots overlap)."""
+    new = []
+    for name in names:
+        gone, rebooted = cluster.reboot_with_new_credentials(name)
+        _live.remove(gone)
+        gone.close()
+        _live.append(rebooted)
+        new.append(rebooted)
+    for m in new:
+        m.wait_started()
+    return new
+
+
+def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, tmp_path):
+    """The site moves from its own certificate to an ACME CA (the test Internet's pebble)
+    and its nodes are rebooted with the new credentials: filter1 and store1 get
+    certificates for their names (the frontend's, store1's: ./build.py dns), validated
+    over HTTP-01 on fe1's and store1's port 80, and serve the CA's chain on 25, 587 and
+    993. A renewal forced on each is served without restarting a daemon, and an IMAP
+    session opened before it carries on after it. (Last in this module: the cluster
+    stays on ACME.)"""
+    site = cluster.site
+    cluster.site = site.model_copy(update={"tls": Tls(acme=Acme(
+        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca))})
+    fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")
+    wait_mail_up(store)
+    filter1.wait_for_unit("postfix.service", timeout=600)
+    for m in (filter1, store):
+        try:
+            m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source", timeout=600)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
+                                 f"{cluster.internet.logs()}") from None
+    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
+    roots = tmp_path / "acme-roots.pem"
+    roots.write_text(cluster.internet.acme_roots())
+
+    def served() -> dict[str, str]:
+        """Port -> SHA-256 of the certificate served there, its chain verified by the ACME
+        CA's roots for the name a client uses. (25 goes to either filter through the
+        frontend: the one on ACME is filter1.)"""
+        domain = cluster.site.domain
+        smtp = set()
+        for _ in range(4):
+            try:
+                smtp.add(served_certificate(fe.forward(25), f"fe1.{domain}", roots, b"STARTTLS\r\n"))
+            except ssl.SSLCertVerificationError:
+                pass  # filter2, still on the site's certificate
+        assert len(smtp) == 1, f"{len(smtp)} ACME certificates on port 25"
+        return {"25": hashlib.sha256(smtp.pop()).hexdigest(),
+                **{port: hashlib.sha256(served_certificate(forward, name, roots, starttls)).hexdigest()
+                   for port, forward, name, starttls in (
+                       ("587", fe.forward(587), f"fe1.{domain}", b"STARTTLS\r\n"),
+                       ("993", store.forward(993), f"store1.{domain}", None))}}
+
+    before = served()
+    daemons = {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
+               for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"), (store, "dovecot.service"))}
+    alice = USERS[0]
+    session = imaplib.IMAP4_SSL("127.0.0.1", store.forward(993), ssl_context=ssl._create_unverified_context(),
+                                timeout=120)
+    try:
+        session.login(alice, cluster.secrets.user_password(alice))
+        with subtest("a renewal forced on filter1 and store1"):
+            for m in (filter1, store):
+                m.succeed("systemctl start mailcluster-acme@force.service")
+        after = served()
+        assert all(after[p] != before[p] for p in before), (before, after)
+        assert session.noop()[0] == "OK"
+    finally:
+        session.logout()
+    assert {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
+            for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"),
+                            (store, "dovecot.service"))} == daemons
