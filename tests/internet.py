@@ -31,18 +31,18 @@ from appliance.paths import HOST_PATH
 from appliance.wait import Timeout, retry
 from tests.tools import site_certificate
 
-# Zone -> its records (relative names, as in a zone file); "@" is the zone itself. MX
-# hosts' addresses are the namespace's own (ADDRESS).
+# Zone -> its records (relative names, as in a zone file); "@" is the zone itself, and
+# {address} the namespace's own address (every MX host, the policy host, the ACME CA).
 PLAIN = "example.net"
 DANE = "dane.example"
+STS = "sts.example"
 ZONES = {
     PLAIN: ["@ MX 10 mx", "mx A {address}", "acme A {address}"],
     DANE: ["@ MX 10 mx", "mx A {address}",
            # DANE-EE, SPKI, SHA-256 of a key that is not the receiver's: a filter must refuse it.
            "_25._tcp.mx TLSA 3 1 1 " + hashlib.sha256(b"not the receiver's key").hexdigest()],
+    STS: ["@ MX 10 mx", "mx A {address}", "mta-sts A {address}", '_mta-sts TXT "v=STSv1; id=1"'],
 }
-STS = "sts.example"
-ZONES[STS] = ["@ MX 10 mx", "mx A {address}", "mta-sts A {address}", '_mta-sts TXT "v=STSv1; id=1"']
 STS_POLICY = f"version: STSv1\nmode: enforce\nmx: mx.{STS}\nmax_age: 86400\n"
 SIGNED = (DANE,)
 ACME_DIRECTORY = f"https://acme.{PLAIN}:14000/dir"
