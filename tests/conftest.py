@@ -15,10 +15,11 @@ from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
-from appliance.site import CatchAll, Tls, load_site
+from appliance.site import Alias, CatchAll, Tls, load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
-from tests.internet import Internet, address_on, site_zones
+from tests.internet import PLAIN, Internet, address_on, site_zones
+from tests.receiver import REFUSED
 from tests.tools import site_certificate
 
 _live: list[Machine] = []
@@ -127,6 +128,8 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
     changed = site.model_copy(update={
         "tls": Tls(certificate=site_tls[0], key=site_tls[1]),
         "catch_all": [CatchAll(domain="example.com", to=["carol@example.test"])],
+        # An alias whose only target the test Internet refuses: the filters bounce its mail.
+        "aliases": [*site.aliases, Alias(address=f"away@{site.domain}", to=[f"{REFUSED}@{PLAIN}"])],
         "network": site.network.model_copy(update={"resolvers": [internet_at.ip]})})
     workdir = tmp_path_factory.mktemp("mail-cluster")
     c = Cluster(changed, test_images, workdir, plans=plans_of_test_images(profiles, site), secrets=secrets)

@@ -21,10 +21,20 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 
+# A mailbox that does not exist here: the receiver refuses it at RCPT.
+REFUSED = "nobody-here"
+
+
 class Keep:
     def __init__(self, directory: Path):
         self.directory = directory
         self.count = itertools.count(1)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if address.split("@")[0] == REFUSED:
+            return "550 5.1.1 no such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         tls = session.ssl["ssl_object"] if session.ssl else None

@@ -385,6 +385,18 @@ def test_an_mta_sts_enforce_policy_keeps_mail_from_a_receiver_it_does_not_name(c
     assert_kept_back(cluster, after, to)
 
 
+def test_a_bounce_the_filter_writes_goes_back_signed(cluster):
+    """Mail from the Internet to away@ (conftest: an alias whose only target the test
+    Internet refuses) bounces at the filter, and the bounce reaches the sender from
+    MAILER-DAEMON at the site's domain, DKIM-signed with its key."""
+    _, token = new_tokens(1)[0]
+    assert send(cluster, [(f"away@{cluster.site.domain}", token)], sender=f"someone@{internet.PLAIN}") == [token]
+    meta, bounce = cluster.internet.wait_for(token)
+    assert meta["mail_from"] == "<>" and meta["rcpt_tos"] == [f"someone@{internet.PLAIN}"], meta
+    assert email.message_from_bytes(bounce)["From"].endswith(f"<MAILER-DAEMON@{cluster.site.domain}>")
+    assert dkim_verifies(bounce, dns.records(cluster.site, None, cluster.secrets))
+
+
 def dkim_verifies(sent: bytes, zone: str) -> bool:
     """Whether a verifier that knows only `zone` (./build.py dns) accepts the signature."""
     published = zone_txt(zone)
