@@ -530,8 +530,10 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
                 for i, n in bad
             )
         )
+    # Paths relative to the site file, like an operator writes them; each file checked now,
+    # so a wrong one is refused before anything is built or booted.
+    base = source.parent if isinstance(source, Path) else Path.cwd()
     if site.tls.acme is not None and site.tls.acme.ca is not None:
-        base = source.parent if isinstance(source, Path) else Path.cwd()
         site = site.model_copy(update={"tls": site.tls.model_copy(update={
             "acme": site.tls.acme.model_copy(update={"ca": base / site.tls.acme.ca})})})
         try:
@@ -539,9 +541,6 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
         except ConfigError as e:
             raise ConfigError(f"{source}: tls.acme.ca: {e.message}", hint=e.hint) from None
     if site.tls.certificate is not None and site.tls.key is not None:
-        # Relative to the site file, like an operator writes them; checked now, so a wrong
-        # file is refused before anything is built or booted.
-        base = source.parent if isinstance(source, Path) else Path.cwd()
         site = site.model_copy(update={"tls": site.tls.model_copy(update={
             "certificate": base / site.tls.certificate, "key": base / site.tls.key})})
         try:

@@ -81,10 +81,10 @@ class Internet:
     _ids = itertools.count(1)
 
     def __init__(self, workdir: Path, switch: Path, address: ipaddress.IPv4Interface,
-                 site_zones: dict[str, list[str]] | None = None):
-        """`site_zones`: more zones to serve, name -> records (zone-file lines, absolute names)."""
+                 zones: dict[str, list[str]] | None = None):
+        """`zones`: more zones to serve, name -> records (zone-file lines, absolute names)."""
         self.workdir, self.switch, self.address = workdir, switch, address
-        self.site_zones = site_zones or {}
+        self.site_zones = zones or {}
         self.netns = f"mc-net-{os.getpid()}-{next(self._ids)}"
         self.inbox = workdir / "inbox"
         self.procs: list[subprocess.Popen] = []

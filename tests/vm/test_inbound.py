@@ -569,9 +569,11 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
                        ("587", fe.forward(587), f"fe1.{domain}", b"STARTTLS\r\n"),
                        ("993", store.forward(993), f"store1.{domain}", None))}}
 
-    before = served()
-    daemons = {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
-               for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"), (store, "dovecot.service"))}
+    def daemons() -> dict[tuple[str, str], str]:
+        return {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
+                for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"), (store, "dovecot.service"))}
+
+    before, running = served(), daemons()
     alice = USERS[0]
     session = imaplib.IMAP4_SSL("127.0.0.1", store.forward(993), ssl_context=ssl._create_unverified_context(),
                                 timeout=120)
@@ -585,6 +587,4 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
         assert session.noop()[0] == "OK"
     finally:
         session.logout()
-    assert {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
-            for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"),
-                            (store, "dovecot.service"))} == daemons
+    assert daemons() == running
