@@ -8,19 +8,62 @@ strictly matched request), and a name validates wherever it points (a frontend, 
 mailstore) without the nodes telling each other anything. The account key stays in the
 site's secrets and reaches only the nodes that order certificates (credential
 mailcluster.acme-account); the thumbprint, which is public, reaches every node.
+
+DNS-01, where the site names its DNS server (tls.acme.dns_update): the nodes that order
+put each challenge into the site's zone themselves with an RFC 2136 update signed with
+the site's TSIG key (credentials mailcluster.acme-dns and mailcluster.acme-dns-key;
+acme-hook), and take it out again.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import os
+import re
+import stat
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .site import Node, Site
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .credentials import Secrets
+    from .site import Node, Site
+
+
+# One TSIG key as tsig-keygen (BIND) and keymgr (Knot) write it.
+_TSIG = re.compile(r'\s*key\s+"?(?P<name>[A-Za-z0-9][A-Za-z0-9.-]{0,252})"?\s*\{\s*'
+                   r'algorithm\s+"?(?P<algorithm>hmac-sha(?:256|384|512))"?\s*;\s*'
+                   r'secret\s+"(?P<secret>[A-Za-z0-9+/]{16,512}={0,2})"\s*;\s*\}\s*;\s*')
+TSIG_HINT = "make one with: tsig-keygen -a hmac-sha256 acme-update > KEY; chmod 600 KEY (and give it to the DNS server)"
+
+
+def load_tsig_key(path: Path) -> str:
+    """The site's TSIG key for DNS-01 updates: one key, not readable by others, rewritten
+    from its parts (nothing else in the file reaches a node)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: TSIG key not found", hint=TSIG_HINT) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the TSIG key: {e.strerror}", hint=TSIG_HINT) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: the TSIG key is not a regular file", hint=TSIG_HINT)
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{path}: the TSIG key is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
+                              hint=f"chmod 600 {path}")
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    m = _TSIG.fullmatch(data.decode("ascii", errors="replace")) if len(data) <= 4096 else None
+    if m is None:
+        raise ConfigError(f"{path}: expected one TSIG key (key \"NAME\" {{ algorithm hmac-sha256; secret \"...\"; }};)",
+                          hint=TSIG_HINT)
+    return f'key "{m["name"]}" {{\n\talgorithm {m["algorithm"]};\n\tsecret "{m["secret"]}";\n}};\n'
 
 
 def new_account_key() -> str:
@@ -45,33 +88,61 @@ def thumbprint(account_key: str) -> str:
     return _b64url(hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest())
 
 
+# The roles whose nodes order certificates: the ones that terminate mail's TLS (the
+# filters' SMTP, the mailstores' submission and IMAP), and the frontends when they serve
+# the MTA-STS policy, for its names only (they pass mail's TLS through untouched).
+ORDERING_ROLES = ("filter", "mailstore", "frontend")
+
+
+def orders(site: Site, node: Node) -> bool:
+    """Whether `node` orders a certificate from the site's ACME CA."""
+    if site.tls.acme is None or node.role not in ORDERING_ROLES:
+        return False
+    return node.role != "frontend" or site.tls.mta_sts is not None
+
+
 def names(site: Site, node: Node) -> list[str]:
     """The names `node`'s certificate covers: what senders and users reach it by. A filter:
     the MX hosts (./build.py dns). A mailstore: its own name (IMAP, submission), and the
-    frontends' names when they relay submission to it."""
+    frontends' names when they relay submission to it. A frontend: each domain's
+    mta-sts. name, where it serves the MTA-STS policy."""
     from .dns import mx_hosts
 
     if node.role == "filter":
         return [h.rstrip(".") for h in mx_hosts(site)]
+    if node.role == "frontend":
+        return [f"mta-sts.{d}" for d in site.mail_domains]
     out = [f"{node.name}.{site.domain}"]
     if site.proxied_submission_ports():
         out += [f"{n.name}.{site.domain}" for n in site.nodes_with_role("frontend")]
     return out
 
 
-def credentials(site: Site, node: Node, secrets: "Secrets", orders: bool) -> dict[str, bytes]:
-    """`node`'s ACME credentials (none without tls.acme): the thumbprint for its port 80;
-    for a node that `orders` certificates, also the directory, contact and names
-    (mailcluster.acme), the account key and the ACME server's CA, when the site gives one."""
+def credentials(site: Site, node: Node, secrets: "Secrets") -> dict[str, bytes]:
+    """`node`'s ACME credentials (none without tls.acme): the thumbprint for its port 80
+    (HTTP-01);
+    for a node that orders certificates, also the directory, contact and names
+    (mailcluster.acme), the account key and the ACME server's CA, when the site gives one;
+    for a frontend, the MTA-STS policy it serves (mailcluster.mta-sts)."""
+    from .dns import mta_sts_policy
+
     acme = site.tls.acme
     if acme is None:
         return {}
     key = secrets.acme_account_key()
-    creds = {"mailcluster.acme-thumbprint": f"{thumbprint(key)}\n".encode()}
-    if orders:
+    creds: dict[str, bytes] = {}
+    if acme.dns_update is None:
+        # HTTP-01 (with DNS-01 nothing listens on port 80).
+        creds["mailcluster.acme-thumbprint"] = f"{thumbprint(key)}\n".encode()
+    if node.role == "frontend" and site.tls.mta_sts is not None:
+        creds["mailcluster.mta-sts"] = mta_sts_policy(site).encode()
+    if orders(site, node):
         creds["mailcluster.acme"] = f"{acme.directory}\n{acme.contact}\n{' '.join(names(site, node))}\n".encode()
         creds["mailcluster.acme-account"] = key.encode()
         ca = site.acme_ca()
         if ca is not None:
             creds["mailcluster.acme-ca"] = ca.encode()
+        if acme.dns_update is not None:
+            creds["mailcluster.acme-dns"] = f"{acme.dns_update.server} {acme.dns_update.port}\n".encode()
+            creds["mailcluster.acme-dns-key"] = load_tsig_key(acme.dns_update.key).encode()
     return creds

@@ -123,7 +123,8 @@ def check(obj: Context) -> None:
 def dns(obj: Context, topology: str | None, resolver: str | None) -> None:
     """Print the DNS records the site's domains need, as a zone-file fragment: MX, A, SPF,
     DKIM (each domain's current selector; the keys are made in the site's secrets on first
-    use), DMARC, TLS-RPT (with tls.reports) and TLSA (with the site's certificate)."""
+    use), DMARC, MTA-STS (with tls.mta_sts: also the policy), TLS-RPT (with tls.reports) and
+    TLSA (with the site's certificate)."""
     from .credentials import Secrets
     from .dns import check, records
     if resolver is None:

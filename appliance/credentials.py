@@ -31,10 +31,14 @@ Credentials a node receives (every image of a role is the same; these make it a 
                                   domain signs with (its public key: ./build.py dns)
   mailcluster.acme-thumbprint     with tls.acme: the ACME account key's thumbprint (public),
                                   which every node's port 80 answers challenges with
-  mailcluster.acme                with tls.acme, filter, mailstore: lines directory URL,
-                                  contact, the names its certificate covers (appliance/acme.py)
+  mailcluster.acme                with tls.acme, filter, mailstore (and frontend with
+                                  tls.mta_sts): lines directory URL, contact, the names its
+                                  certificate covers (appliance/acme.py)
   mailcluster.acme-account        ... the site's ACME account key (secret)
   mailcluster.acme-ca             ... the CA of the ACME server's HTTPS, when the site gives one
+  mailcluster.acme-dns            ... with tls.acme.dns_update: "ADDRESS PORT" of the site's DNS
+  mailcluster.acme-dns-key        server, and the TSIG key its DNS-01 updates are signed with
+  mailcluster.mta-sts             frontend, with tls.mta_sts: the MTA-STS policy it serves
   mailcluster.tls-cert            filter, mailstore: the site's certificate chain (PEM), when
   mailcluster.tls-key             the site file gives one (tls:), and its key; without them
                                   the node makes a self-signed one (mailcluster-tls.service)
@@ -222,9 +226,10 @@ def peers(site: Site) -> str:
     return "".join(lines)
 
 
-# The roles that terminate TLS (their profiles enable mailcluster-tls.service): the
-# filters' SMTP, the mailstores' submission and IMAP. A frontend passes TLS through
-# untouched, so the site's key never reaches the node most exposed to the world.
+# The roles that terminate mail's TLS, the filters' SMTP and the mailstores' submission
+# and IMAP: they get the site's certificate. A frontend passes mail's TLS through
+# untouched, so the site's key never reaches the node most exposed to the world (for
+# the MTA-STS policy it serves, it gets a certificate of its own: appliance/acme.py).
 TLS_ROLES = ("filter", "mailstore")
 
 
@@ -251,7 +256,7 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
     }
     if site.network.resolvers:
         creds["mailcluster.resolvers"] = "".join(f"{a}\n" for a in site.network.resolvers).encode()
-    creds.update(acme.credentials(site, node, secrets, orders=node.role in TLS_ROLES))
+    creds.update(acme.credentials(site, node, secrets))
     if node.role in TLS_ROLES:
         cert = site.site_certificate()
         if cert is not None:

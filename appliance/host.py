@@ -134,6 +134,9 @@ NEEDS = [
     Need("ldns-signzone", "ldnsutils"),
     # The ACME tests' CA (a test server: it keeps nothing, and runs only when they start it).
     Need("pebble", "pebble"),
+    # The test Internet's authoritative server for the site's zones, which takes the DNS-01
+    # updates (its own service is switched off, like unbound's).
+    Need("knotd", "knot"),
 ]
 
 
@@ -188,9 +191,10 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
     if any(n.package == "docker-registry" for n in need) and Path("/run/systemd/system").exists():
         # The package starts a registry on port 5000; the tests run their own on 127.0.0.1.
         _apt(["systemctl", "disable", "--now", "docker-registry.service"], env, log)
-    if any(n.package == "unbound" for n in need) and Path("/run/systemd/system").exists():
-        # A resolver on the host's 127.0.0.1:53 that nothing asked for.
-        _apt(["systemctl", "disable", "--now", "unbound.service"], env, log)
+    for package in ("unbound", "knot"):
+        if any(n.package == package for n in need) and Path("/run/systemd/system").exists():
+            # A DNS server on the host's port 53 that nothing asked for.
+            _apt(["systemctl", "disable", "--now", f"{package}.service"], env, log)
     still = missing()
     if still:
         raise ApplianceError("setup finished but these are still missing:\n"

@@ -146,6 +146,13 @@ class Plan:
         """Which certificate this role's nodes serve (None: the role serves no TLS)."""
         if TLS_SERVICE not in self.services.enable:
             return None
+        if self.role == "frontend":
+            # Mail's TLS passes through to the filters and mailstores: a frontend's own
+            # certificate is only the MTA-STS policy's (appliance/acme.py).
+            if self.site.tls.acme is None or self.site.tls.mta_sts is None:
+                return None
+            return (f"ACME, for the MTA-STS policy's names only (mta-sts.{self.site.domain}, ...): each node "
+                    f"gets its own from {self.site.tls.acme.directory}; mail's TLS passes through")
         cert = self.site.site_certificate()
         if cert is not None:
             return cert.describe()

@@ -218,6 +218,16 @@ AcmeUrl = Annotated[str, StringConstraints(pattern=r"^https://[A-Za-z0-9.-]+(:[0
                                            max_length=300)]
 
 
+class DnsUpdate(_Model):
+    """DNS-01 instead of HTTP-01: each node that orders puts the CA's challenge into the
+    site's DNS itself, as an RFC 2136 update signed with a TSIG key, and removes it after."""
+    server: ipaddress.IPv4Address = Field(description="the primary DNS server of the site's zones, which takes the updates")
+    port: int = Field(default=53, ge=1, le=65535)
+    key: Path = Field(description="the TSIG key as tsig-keygen or knotc writes it (key \"NAME\" { algorithm "
+                                  "hmac-sha256; secret \"...\"; };), mode 0600; the server lets it update "
+                                  "only _acme-challenge names")
+
+
 class Acme(_Model):
     """Certificates from an ACME CA (RFC 8555), which each node that serves TLS obtains
     and renews itself (appliance/acme.py)."""
@@ -226,6 +236,20 @@ class Acme(_Model):
     contact: MailAddress = Field(description="the account's contact: where the CA writes about expiry and problems")
     ca: Path | None = Field(default=None, description="PEM: the CA that signed the ACME server's own HTTPS "
                                                       "certificate, when it is not a public one (a private ACME CA)")
+    dns_update: DnsUpdate | None = Field(default=None, description="answer the CA with DNS-01 through this DNS "
+                                                                   "server (RFC 2136) instead of HTTP-01 on port 80")
+
+
+class MtaSts(_Model):
+    """MTA-STS (RFC 8461) for the site's domains: senders that support it deliver only
+    over TLS verified for the MX names. The frontends serve the policy at
+    https://mta-sts.DOMAIN/.well-known/mta-sts.txt with a certificate of their own from
+    the site's ACME CA; ./build.py dns prints the _mta-sts and mta-sts records."""
+    mode: Literal["testing", "enforce", "none"] = Field(
+        default="testing", description="testing: senders only report (TLS-RPT); enforce: they refuse an "
+                                       "unverified MX; none: withdraws a published policy")
+    max_age: int = Field(default=604800, ge=86400, le=31557600,
+                         description="seconds senders keep the policy (1 day to 1 year; RFC 8461 recommends weeks)")
 
 
 class Tls(_Model):
@@ -238,6 +262,8 @@ class Tls(_Model):
                                                         "from this ACME CA (HTTP-01 on port 80) and renews it")
     reports: MailAddress | None = Field(
         default=None, description="where senders report TLS failures (TLS-RPT, RFC 8460: ./build.py dns)")
+    mta_sts: MtaSts | None = Field(default=None, description="publish an MTA-STS policy (needs tls.acme and "
+                                                             "a frontend, which serves it)")
 
     @model_validator(mode="after")
     def _both(self) -> "Tls":
@@ -247,6 +273,12 @@ class Tls(_Model):
         if self.certificate is not None and self.acme is not None:
             raise ValueError("tls.certificate and tls.acme exclude each other: give the site's certificate, "
                              "or let the nodes get theirs from an ACME CA")
+        if self.mta_sts is not None and self.acme is None:
+            # The policy's HTTPS needs a certificate for mta-sts.DOMAIN on the frontends,
+            # which never hold the site's own key (they pass mail's TLS through).
+            raise ValueError("tls.mta_sts needs tls.acme: the frontends serve the policy with a certificate "
+                             "for mta-sts.DOMAIN from the site's ACME CA (they never get tls.key): add tls.acme, "
+                             "or leave tls.mta_sts out")
         return self
 
 
@@ -314,6 +346,15 @@ class Site(_Model):
         if self.tls.acme is None or self.tls.acme.ca is None:
             return None
         return tls.load_certificates(self.tls.acme.ca)
+
+    def acme_tsig_key(self) -> str | None:
+        """tls.acme.dns_update.key, read and checked now (one TSIG key, rewritten in the
+        form nsupdate reads)."""
+        from . import acme
+
+        if self.tls.acme is None or self.tls.acme.dns_update is None:
+            return None
+        return acme.load_tsig_key(self.tls.acme.dns_update.key)
 
     def site_certificate(self) -> "SiteCertificate | None":
         """The site's certificate and key, read and checked now (None: self-signed nodes)."""
@@ -476,6 +517,9 @@ class Site(_Model):
                 problems.append((f"catch_all[{i}].domain", f"{c.domain} has a catch-all already"))
             seen_domains.add(c.domain)
             check_targets(f"catch_all[{i}]", c.to)
+        if self.tls.mta_sts is not None and not self.nodes_with_role("frontend"):
+            problems.append(("tls.mta_sts", "the frontends serve the MTA-STS policy, and this site has none: "
+                                            "add a frontend, or remove tls.mta_sts"))
         if self.postmaster is None and not self.users and self.aliases:
             problems.append(("postmaster", "nobody receives postmaster@ and abuse@: name a postmaster or add a user"))
         if problems:
@@ -540,6 +584,15 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
             site.acme_ca()
         except ConfigError as e:
             raise ConfigError(f"{source}: tls.acme.ca: {e.message}", hint=e.hint) from None
+    if site.tls.acme is not None and site.tls.acme.dns_update is not None:
+        update = site.tls.acme.dns_update
+        site = site.model_copy(update={"tls": site.tls.model_copy(update={
+            "acme": site.tls.acme.model_copy(update={"dns_update": update.model_copy(update={
+                "key": base / update.key})})})})
+        try:
+            site.acme_tsig_key()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: tls.acme.dns_update.key: {e.message}", hint=e.hint) from None
     if site.tls.certificate is not None and site.tls.key is not None:
         site = site.model_copy(update={"tls": site.tls.model_copy(update={
             "certificate": base / site.tls.certificate, "key": base / site.tls.key})})

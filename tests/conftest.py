@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import archive, dns, paths, vm
+from appliance import archive, paths, vm
 from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.plan import Plan
@@ -136,9 +136,8 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
     c.switch.start()
     # It serves the site's zones as ./build.py dns prints them (the ACME CA there looks up
     # the names it validates).
-    _, groups = dns.record_groups(changed, None, secrets)
     c.internet = internet = Internet(workdir / "internet", c.switch.directory, internet_at,
-                                     site_zones([r for g in groups for r in g]))
+                                     site_zones(changed, secrets))
     try:
         internet.start()
         boot(c, *SHARED_NODES)

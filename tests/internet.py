@@ -11,10 +11,15 @@ It runs what the filters meet when they deliver users' mail out:
   name the mail server's certificate does not cover). Its certificates come from a CA
   of this run (`ca`), which a test that wants them trusted installs on the filters;
 - an ACME CA (pebble) at ACME_DIRECTORY, validating HTTP-01 challenges on port 80 of the
-  names the site's zones (`site_zones`: what ./build.py dns prints) point at.
+  names the site's zones (`site_zones`: what ./build.py dns prints) point at, and DNS-01
+  challenges in those zones;
+- the site's DNS server (Knot, on DNS_UPDATE_PORT), which serves the site's zones to the
+  resolver and takes RFC 2136 updates of TXT records signed with the TSIG key it
+  writes for the site (`tsig_key_file`).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import ipaddress
@@ -46,14 +51,20 @@ ZONES = {
 STS_POLICY = f"version: STSv1\nmode: enforce\nmx: mx.{STS}\nmax_age: 86400\n"
 SIGNED = (DANE,)
 ACME_DIRECTORY = f"https://acme.{PLAIN}:14000/dir"
+# Where the site's zones are served from, and updated (DNS-01).
+DNS_UPDATE_PORT = 5353
+TSIG_NAME = "acme-update"
 IP = shutil.which("ip", path=HOST_PATH) or "ip"
 # The namespace's host number on the cluster's network.
 HOST = 200
 
 
-def site_zones(records: list) -> dict[str, list[str]]:
-    """./build.py dns's records (appliance/dns.Record) as zones to serve: one per mail
+def site_zones(site, secrets) -> dict[str, list[str]]:
+    """The records ./build.py dns prints for `site` as zones to serve: one per mail
     domain, each record under the longest domain it belongs to."""
+    from appliance.dns import record_groups
+
+    records = [r for group in record_groups(site, None, secrets)[1] for r in group]
     domains = sorted({r.name.rstrip(".") for r in records if r.type == "MX"}, key=len, reverse=True)
     out: dict[str, list[str]] = {}
     for r in records:
@@ -62,6 +73,30 @@ def site_zones(records: list) -> dict[str, list[str]]:
         if zone is not None:
             out.setdefault(zone, []).append(dataclasses.replace(r, note="").line())
     return out
+
+
+def knot_config(workdir: Path, listen: str, secret: str, zones: list[str]) -> Path:
+    """workdir/knot.conf: Knot serving `zones` from workdir/ZONE.zone on `listen`
+    (ADDRESS@PORT), taking updates of TXT records (the challenges) signed with the TSIG
+    key TSIG_NAME, and nothing else; updates live in memory only."""
+    knot = workdir / "knot"
+    knot.mkdir(exist_ok=True)
+    conf = workdir / "knot.conf"
+    conf.write_text("\n".join([
+        "server:", f"  listen: {listen}", f'  rundir: "{knot}"',
+        "log:", "  - target: stdout", "    any: info",
+        "database:", f'  storage: "{knot}"',
+        "key:", f"  - id: {TSIG_NAME}", "    algorithm: hmac-sha256", f"    secret: {secret}",
+        "acl:", f"  - id: {TSIG_NAME}", f"    key: {TSIG_NAME}", "    action: update", "    update-type: [TXT]",
+        "template:", "  - id: default", f'    storage: "{workdir}"', '    file: "%s.zone"',
+        "    zonefile-sync: -1", "    journal-content: none", f"    acl: {TSIG_NAME}",
+        "zone:", *(f"  - domain: {zone}." for zone in zones)]) + "\n")
+    return conf
+
+
+def tsig_key_text(secret: str) -> str:
+    """The TSIG key as tsig-keygen writes it (what a site file's tls.acme.dns_update.key holds)."""
+    return f'key "{TSIG_NAME}" {{\n\talgorithm hmac-sha256;\n\tsecret "{secret}";\n}};\n'
 
 
 def address_on(network: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
@@ -90,6 +125,7 @@ class Internet:
         self.procs: list[subprocess.Popen] = []
         self.plug_pid = workdir / "plug.pid"
         self.created = False
+        self.tsig_secret = base64.b64encode(os.urandom(32)).decode()
 
     @property
     def ip(self) -> str:
@@ -106,15 +142,17 @@ class Internet:
                     ["vde_plug2tap", "-d", "-s", str(self.switch), "-P", str(self.plug_pid), "tap0"]):
             self.exec(*cmd)
         self._zones()
-        self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
+        self.dns = self._spawn("dns", "knotd", "-c", str(self.workdir / "knot.conf"))
+        self.resolver = self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
         chain, key, self.ca = site_certificate(self.workdir / "tls", [f"mx.{PLAIN}", f"mta-sts.{STS}", f"acme.{PLAIN}"])
         (self.workdir / "pebble.json").write_text(json.dumps({"pebble": {
             "listenAddress": f"{self.ip}:14000", "managementListenAddress": f"{self.ip}:15000",
             "certificate": str(chain), "privateKey": str(key), "httpPort": 80, "tlsPort": 5001,
             "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
-        # Validations at once, and no nonce refused for testing clients' retries.
-        self._spawn("acme", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "pebble", "-config",
-                    str(self.workdir / "pebble.json"), "-dnsserver", f"{self.ip}:53")
+        # Validations at once, no nonce refused for testing clients' retries, and every
+        # order challenged (none rides on another node's valid authorization).
+        self._spawn("acme", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "PEBBLE_AUTHZREUSE=0",
+                    "pebble", "-config", str(self.workdir / "pebble.json"), "-dnsserver", f"{self.ip}:53")
         www = self.workdir / "www"
         (www / ".well-known").mkdir(parents=True)
         (www / ".well-known/mta-sts.txt").write_text(STS_POLICY)
@@ -130,11 +168,28 @@ class Internet:
     def exec(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return run("ip", "netns", "exec", self.netns, *cmd, **kw)
 
-    def _spawn(self, name: str, *cmd: str, cwd: Path | None = None) -> None:
-        with open(self.workdir / f"{name}.log", "w") as log:
+    def _spawn(self, name: str, *cmd: str, cwd: Path | None = None) -> subprocess.Popen:
+        with open(self.workdir / f"{name}.log", "a") as log:
             cmd = (shutil.which(cmd[0], path=HOST_PATH) or cmd[0], *cmd[1:])
             self.procs.append(subprocess.Popen([IP, "netns", "exec", self.netns, *cmd], stdout=log,
                                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True))
+        return self.procs[-1]
+
+    def serve(self, zones: dict[str, list[str]]) -> None:
+        """Serve these site zones from now on (the site changed, and what ./build.py dns
+        prints with it): the resolver starts again with them."""
+        self.site_zones = zones
+        for proc in (self.resolver, self.dns):
+            self.procs.remove(proc)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        self._zones()
+        self.dns = self._spawn("dns", "knotd", "-c", str(self.workdir / "knot.conf"))
+        self.resolver = self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
+        try:
+            retry(lambda last: self._alive() and self._resolves(), timeout=60, interval=0.2)
+        except Timeout:
+            raise RuntimeError("the test Internet's resolver did not come back:\n" + self.logs()) from None
 
     def _alive(self) -> bool:
         dead = [p.args for p in self.procs if p.poll() is not None]
@@ -142,12 +197,34 @@ class Internet:
             raise RuntimeError(f"the test Internet's {dead} exited:\n" + self.logs())
         return True
 
-    def _resolves(self) -> bool:
+    def lookup(self, name: str, rtype: str, port: int = 53) -> list[str]:
+        """What the resolver (port 53) or the site's DNS server (DNS_UPDATE_PORT) answers
+        for `name` and `rtype`, as zone-file data; empty for no such record."""
         ask = ("import dns.resolver, sys; r = dns.resolver.Resolver(configure=False); r.nameservers = [sys.argv[1]]; "
-               "print(r.resolve(sys.argv[2], 'MX', lifetime=2)[0].exchange)")
-        r = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", ask, self.ip, f"{PLAIN}."],
+               "r.port = int(sys.argv[4]); a = r.resolve(sys.argv[2], sys.argv[3], lifetime=2, raise_on_no_answer=False)\n"
+               "print('\\n'.join(rd.to_text() for rd in (a.rrset or [])))")
+        r = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", ask, self.ip, name, rtype, str(port)],
                            capture_output=True, text=True)
-        return r.returncode == 0 and r.stdout.strip() == f"mx.{PLAIN}."
+        if r.returncode != 0:
+            if "NXDOMAIN" in r.stderr or "does not exist" in r.stderr:
+                return []
+            raise RuntimeError(f"no answer for {name} {rtype} on port {port}: {r.stderr.strip()[-300:]}")
+        return r.stdout.split("\n")[:-1] if r.stdout.strip() else []
+
+    def _resolves(self) -> bool:
+        try:
+            return self.lookup(f"{PLAIN}.", "MX") == [f"10 mx.{PLAIN}."] and all(
+                self.lookup(f"{zone}.", "SOA") for zone in self.site_zones)
+        except RuntimeError:
+            return False
+
+    def tsig_key_file(self, path: Path) -> Path:
+        """The TSIG key the site's DNS server takes updates with, written for the site
+        file (tls.acme.dns_update.key) as tsig-keygen writes one, mode 0600."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(tsig_key_text(self.tsig_secret))
+        return path
 
     def _zones(self) -> None:
         """Zone files (the signed ones signed here, with a new key each run) and the
@@ -161,6 +238,9 @@ class Internet:
         ]
         zones: list[str] = []
         ours = {zone: [r.format(address=self.ip) for r in records] for zone, records in ZONES.items()}
+        # The site's zones change (DNS-01): the resolver keeps them a second at most.
+        server += ["  cache-max-ttl: 1", "  cache-max-negative-ttl: 1"]
+        knot_config(self.workdir, f"{self.ip}@{DNS_UPDATE_PORT}", self.tsig_secret, list(self.site_zones))
         for zone, records in {**ours, **self.site_zones}.items():
             path = self.workdir / f"{zone}.zone"
             soa = f"@ SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300"
@@ -173,8 +253,11 @@ class Internet:
                 path = path.with_name(path.name + ".signed")
                 server.append(f'  trust-anchor-file: "{self.workdir / (ksk + ".ds")}"')
             server.append(f'  local-zone: "{zone}." transparent')
-            zones += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{path}"', "  for-upstream: yes",
-                      "  for-downstream: no", "  fallback-enabled: no"]
+            if zone in self.site_zones:
+                zones += ["stub-zone:", f'  name: "{zone}."', f"  stub-addr: {self.ip}@{DNS_UPDATE_PORT}"]
+            else:
+                zones += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{path}"', "  for-upstream: yes",
+                          "  for-downstream: no", "  fallback-enabled: no"]
         (self.workdir / "unbound.conf").write_text("\n".join(server + zones) + "\n")
 
     def acme_roots(self) -> str:

@@ -1,11 +1,13 @@
 """ACME (tls.acme): what the site file accepts, what each node is given, the answer every
-node's port 80 gives a challenge, and what a node does with a certificate its CA issued.
-(Against a real CA, pebble: tests/vm/test_inbound.py.)"""
+node's port 80 gives a challenge, what a node does with a certificate its CA issued, and
+DNS-01's updates of a real DNS server (Knot). (Against a real CA, pebble:
+tests/vm/test_inbound.py.)"""
 import base64
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -15,12 +17,16 @@ from appliance import paths
 from appliance.credentials import Secrets, node_credentials
 from appliance.errors import ConfigError
 from appliance.plan import Plan
+from appliance.paths import HOST_PATH
 from appliance.profiles import ProfileSet
+from appliance.qemu import free_port
 from appliance.site import load_site
+from appliance.wait import retry
+from tests import internet
 from tests.tools import script_lib, site_certificate
 
 CHALLENGE = paths.OVERLAYS / "10-base/usr/libexec/mailcluster/acme-challenge"
-ACME = paths.OVERLAYS / "30-postfix/usr/libexec/mailcluster/acme"
+ACME = paths.OVERLAYS / "25-tls/usr/libexec/mailcluster/acme"
 ROLES = ProfileSet.load().roles
 
 
@@ -182,3 +188,131 @@ def test_a_malformed_acme_credential_is_refused_before_the_ca_is_asked(tmp_path,
     r = node.run()
     assert r.returncode == 1 and "credential mailcluster.acme" in r.stderr, r
     assert "uacme" not in node.calls.read_text()
+
+
+# ---- DNS-01 -----------------------------------------------------------------------------
+HOOK = paths.OVERLAYS / "25-tls/usr/libexec/mailcluster/acme-hook"
+
+
+def dns_site(tmp_path, key_text: str | None, mode: int = 0o600):
+    key = tmp_path / "dns-update.key"
+    if key_text is not None:
+        key.touch(mode=mode)
+        key.chmod(mode)
+        key.write_text(key_text)
+    return acme_site(tmp_path, dns_update={"server": "192.0.2.53", "port": 5353, "key": "dns-update.key"})
+
+
+@pytest.mark.parametrize("key_text, mode, problem", [
+    (None, 0o600, "dns-update.key: TSIG key not found"),
+    (internet.tsig_key_text("c2VjcmV0IHNlY3JldCBzZWNyZXQ="), 0o644, "readable by other users (mode 0644)"),
+    ('key "a" { algorithm hmac-md5; secret "c2VjcmV0IHNlY3JldCBzZWNyZXQ="; };\n', 0o600, "expected one TSIG key"),
+    (internet.tsig_key_text("c2VjcmV0IHNlY3JldCBzZWNyZXQ=") + 'include "/etc/passwd";\n', 0o600,
+     "expected one TSIG key"),
+])
+def test_a_bad_dns_update_key_is_refused_with_the_fix(tmp_path, key_text, mode, problem):
+    with pytest.raises(ConfigError) as e:
+        load_site(dns_site(tmp_path, key_text, mode), ROLES)
+    assert "tls.acme.dns_update.key" in str(e.value) and problem in str(e.value), str(e.value)
+    assert "tsig-keygen" in e.value.hint or "chmod 600" in e.value.hint
+
+
+def test_only_the_nodes_that_order_get_the_dns_update_key(tmp_path):
+    secret = base64.b64encode(os.urandom(32)).decode()
+    site = load_site(dns_site(tmp_path, f'key "acme-update" {{ algorithm "hmac-sha256"; secret "{secret}"; }};'),
+                     ROLES)
+    secrets = Secrets(tmp_path / "secrets")
+    creds = {n.name: node_credentials(site, n, None, secrets) for n in site.nodes}
+    for name in ("filter1", "store1"):
+        assert creds[name]["mailcluster.acme-dns"] == b"192.0.2.53 5353\n"
+        # Rewritten from its parts, as nsupdate reads it.
+        assert creds[name]["mailcluster.acme-dns-key"].decode() == internet.tsig_key_text(secret)
+    assert not {k for k in creds["fe1"] if k.startswith("mailcluster.acme-dns")}  # orders nothing
+    # DNS-01 instead of HTTP-01: no node's port 80 answers challenges.
+    assert not any("mailcluster.acme-thumbprint" in c for c in creds.values())
+
+
+@pytest.fixture
+def knot(tmp_path):
+    """A real Knot on 127.0.0.1 serving example.test, taking TXT updates with a TSIG key."""
+    workdir, port = tmp_path / "knot-zones", free_port()
+    workdir.mkdir()
+    (workdir / "example.test.zone").write_text(
+        "$ORIGIN example.test.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\nns A 127.0.0.1\n")
+    secret = base64.b64encode(os.urandom(32)).decode()
+    conf = internet.knot_config(workdir, f"127.0.0.1@{port}", secret, ["example.test"])
+    proc = subprocess.Popen([shutil.which("knotd", path=HOST_PATH) or "knotd", "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port, secret, lambda name: txt_records(port, name)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def txt_records(port: int, name: str) -> list[str]:
+    """What the server answers for `name` TXT (it may still be starting: asked again)."""
+    import dns.exception
+    import dns.message
+    import dns.query
+
+    def ask(last: bool):
+        try:
+            return dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port, timeout=2)
+        except (OSError, dns.exception.Timeout):
+            if last:
+                raise
+            return None
+
+    answer = retry(ask, timeout=30, interval=0.2, until=lambda a: a is not None)
+    return [b"".join(rd.strings).decode() for rrset in answer.answer for rd in rrset]
+
+
+def hook(tmp_path, *args: str, server: str | None) -> subprocess.CompletedProcess:
+    creds = tmp_path / "hook-creds"
+    shutil.rmtree(creds, ignore_errors=True)
+    creds.mkdir()
+    if server is not None:
+        (creds / "mailcluster.acme-dns").write_text(server)
+        (creds / "mailcluster.acme-dns-key").write_text((tmp_path / "key").read_text())
+    lib = tmp_path / "lib"
+    if not lib.exists():
+        script_lib(lib, "filter")
+    return subprocess.run(["bash", str(HOOK), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "MC_LIB": str(lib)})
+
+
+def test_dns_01_puts_the_challenge_into_the_sites_dns_and_takes_it_out(tmp_path, knot):
+    port, secret, published = knot
+    (tmp_path / "key").write_text(internet.tsig_key_text(secret))
+    digest = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+    name = "_acme-challenge.store1.example.test."
+    assert published("example.test.") == []  # the server answers; nothing there yet
+    # With the site's DNS server, HTTP-01 is declined (uacme offers DNS-01 next).
+    assert hook(tmp_path, "begin", "http-01", "store1.example.test", "tok", digest,
+                server=f"127.0.0.1 {port}\n").returncode == 1
+    r = hook(tmp_path, "begin", "dns-01", "store1.example.test", "tok", digest, server=f"127.0.0.1 {port}\n")
+    assert r.returncode == 0, r.stderr
+    assert published(name) == [digest]
+    r = hook(tmp_path, "done", "dns-01", "store1.example.test", "tok", digest, server=f"127.0.0.1 {port}\n")
+    assert r.returncode == 0 and published(name) == [], r.stderr
+
+
+def test_dns_01_refuses_what_it_cannot_trust_and_a_wrong_key(tmp_path, knot):
+    port, secret, published = knot
+    (tmp_path / "key").write_text(internet.tsig_key_text(base64.b64encode(os.urandom(32)).decode()))
+    digest = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+    r = hook(tmp_path, "begin", "dns-01", "store1.example.test", "tok", digest, server=f"127.0.0.1 {port}\n")
+    assert r.returncode == 1 and f"the DNS server at 127.0.0.1:{port} refused to add" in r.stderr, r.stderr
+    assert published("_acme-challenge.store1.example.test.") == []
+    (tmp_path / "key").write_text(internet.tsig_key_text(secret))
+    for args, server, problem in (
+            (("store1.example.test\nupdate add x", "tok", digest), f"127.0.0.1 {port}\n", "bad name"),
+            (("store1.example.test", "tok", 'x" ; update delete example.test.'), f"127.0.0.1 {port}\n",
+             "bad DNS-01 digest"),
+            (("store1.example.test", "tok", digest), "ns.example.test 53\n", "expected ADDRESS PORT")):
+        r = hook(tmp_path, "begin", "dns-01", *args, server=server)
+        assert r.returncode == 1 and problem in r.stderr, (args, r.stderr)
+    # Without the site's DNS server only HTTP-01 is taken.
+    assert hook(tmp_path, "begin", "http-01", "store1.example.test", "tok", digest, server=None).returncode == 0
+    assert hook(tmp_path, "begin", "dns-01", "store1.example.test", "tok", digest, server=None).returncode == 1

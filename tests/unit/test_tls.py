@@ -14,9 +14,9 @@ from appliance.errors import ConfigError
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
 from appliance.site import load_site
-from tests.tools import build_py, site_certificate
+from tests.tools import build_py, script_lib, site_certificate
 
-GENERATE = paths.OVERLAYS / "30-postfix/usr/libexec/mailcluster/tls-generate"
+GENERATE = paths.OVERLAYS / "25-tls/usr/libexec/mailcluster/tls-generate"
 ROLES = ProfileSet.load().roles
 
 
@@ -85,13 +85,15 @@ def test_an_expired_certificate_is_refused(cert):
 
 
 def test_only_the_nodes_that_terminate_tls_receive_the_key(tmp_path, cert):
+    """The filters and mailstores serve the site's certificate; the frontends, which
+    pass mail's TLS through, never get its key."""
     site = load_site(site_with_tls(tmp_path, cert[0], cert[1]), ROLES)
     profiles = ProfileSet.load()
+    assert {n.role for n in site.nodes} - set(TLS_ROLES) == {"frontend"}
     for node in site.nodes:
         creds = node_credentials(site, node, None, Secrets(tmp_path / "secrets"))
-        serves_tls = "mailcluster-tls.service" in Plan.of(profiles, site, node.role).services.enable
-        assert (node.role in TLS_ROLES) == serves_tls, node.role
-        if serves_tls:
+        if node.role in TLS_ROLES:
+            assert "mailcluster-tls.service" in Plan.of(profiles, site, node.role).services.enable
             assert creds["mailcluster.tls-cert"] == cert[0].read_bytes()
             assert creds["mailcluster.tls-key"] == cert[1].read_bytes()
         else:
@@ -99,6 +101,9 @@ def test_only_the_nodes_that_terminate_tls_receive_the_key(tmp_path, cert):
 
 
 def generate(tmp_path, creds: dict[str, bytes] | None):
+    lib = tmp_path / "lib"
+    if not lib.exists():
+        script_lib(lib, "filter")
     cdir = tmp_path / "creds"
     if cdir.exists():
         for f in cdir.iterdir():
@@ -106,7 +111,8 @@ def generate(tmp_path, creds: dict[str, bytes] | None):
     cdir.mkdir(exist_ok=True)
     for name, value in (creds or {}).items():
         (cdir / name).write_bytes(value)
-    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(cdir), "MC_TLS_DIR": str(tmp_path / "tls")}
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(cdir), "MC_TLS_DIR": str(tmp_path / "tls"),
+           "MC_LIB": str(lib)}
     r = subprocess.run(["bash", str(GENERATE)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     state = tmp_path / "tls"

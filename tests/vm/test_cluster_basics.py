@@ -1,5 +1,7 @@
 """Each role image boots cleanly, serves its ports, and the harness itself behaves:
 private network, block/unblock, failing units reported at once, crash then start."""
+import re
+
 import pytest
 
 from appliance.plan import Plan
@@ -29,18 +31,20 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
     # (appliance/qemu.py EMULATION_CMDLINE).
     assert m.succeed("systemctl show -P DefaultDeviceTimeoutUSec").strip() == "10min"
     assert m.succeed("systemctl show -P DefaultTimeoutStartUSec").strip() == "10min"
-    acme = cluster.site.tls.acme is not None
     for unit in profiles.get(role).services.enable:
         if m.execute(f"systemctl is-enabled {unit}")[1].strip() == "masked":
             continue  # the test layer masks the backup timer: tests start each backup
-        if not acme and "ConditionCredential=mailcluster.acme" in m.succeed(f"systemctl cat {unit}"):
-            # ACME's units start only where the site uses it (the booted node has settled)
+        needs = re.findall(r"^ConditionCredential=(\S+)$", m.succeed(f"systemctl cat {unit}"), re.M)
+        if any(m.execute(f"test -e /run/credentials/@system/{c}")[0] for c in needs):
+            # ACME's and MTA-STS's units start only where the site uses them, which it
+            # says with the credential they need (the booted node has settled).
             assert m.succeed(f"systemctl show -P ActiveState {unit}").strip() == "inactive", unit
             continue
         m.wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
+    acme = cluster.site.tls.acme is not None and cluster.site.tls.acme.dns_update is None  # HTTP-01
     for name, p in Plan.of(profiles, site, role, TEST_LAYERS).ports.items():
-        if name == "acme-challenge" and not acme:
-            continue  # nothing listens without ACME (test_hardening: refused, not dropped)
+        if (name == "acme-challenge" and not acme) or (name == "mta-sts" and cluster.site.tls.mta_sts is None):
+            continue  # nothing listens without them (test_hardening: refused, not dropped)
         m.wait_for_open_port(p.port)
         # This host is outside the site: only the ports open to the world greet it (the
         # firewall tests in test_hardening.py check the others from inside the cluster).

@@ -24,8 +24,9 @@ NODES = {"frontend": "fe1", "filter": "filter1", "mailstore": "store1"}
 # From outside the site (this host, through QEMU's forwards): the public mail ports only.
 PUBLIC = {"fe1": {25, 587}, "filter1": set(), "store1": {143, 587, 993}}
 # Open to the world, but nothing listens unless the site uses ACME (this cluster does
-# not yet): ACME's HTTP-01 challenges. Refused by the node, not dropped by the firewall.
-ACME_CHALLENGE = {"fe1": {80}, "filter1": set(), "store1": {80}}
+# not yet): ACME's HTTP-01 challenges, and the MTA-STS policy (HTTPS). Refused by the
+# node, not dropped by the firewall.
+ONLY_WITH_ACME = {"fe1": {80, 443}, "filter1": set(), "store1": {80}}
 # From a peer on the cluster network: SSH (peers join and back up over it), and the
 # cluster ports of the peer's role: a filter takes SMTP from frontends only and outgoing
 # mail (10025) from mailstores only; a mailstore takes SMTP from filters only and
@@ -85,10 +86,10 @@ def test_from_outside_only_the_public_mail_ports_answer(cluster):
     for name, public in PUBLIC.items():
         m = cluster[name]
         assert {p for (n, p), ok in answered.items() if n == name and ok} == public, name
-        assert not ACME_CHALLENGE[name] & listening(m), f"{name} answers ACME challenges without ACME"
+        assert not ONLY_WITH_ACME[name] & listening(m), f"{name} answers ACME challenges without ACME"
         # The silent ones were refused by the firewall, which logs what it drops.
         dropped = m.succeed(f"journalctl -k -b --no-pager --grep 'nft input drop: .*SRC={USER_NET_HOST} ' || true")
-        for port in set(m.spec.forwards) - public - ACME_CHALLENGE[name]:
+        for port in set(m.spec.forwards) - public - ONLY_WITH_ACME[name]:
             assert f"DPT={port} " in dropped, f"{name}: no firewall drop logged for port {port}:\n{dropped[-1500:]}"
 
 

@@ -21,7 +21,7 @@ from dkim.util import parse_tag_value
 from appliance import dkim as dkim_rotation
 from appliance import dns
 from appliance.qemu import USER_NET_HOST
-from appliance.site import Acme, Tls
+from appliance.site import Acme, DnsUpdate, MtaSts, Tls
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests.conftest import _live
@@ -527,21 +527,38 @@ def reboot_with_new_credentials(cluster, *names: str) -> list:
     return new
 
 
+def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts.txt") -> tuple[str, str, bytes]:
+    """What a sender fetching `domain`'s MTA-STS policy is answered on 127.0.0.1:`port`
+    (status line, body, and the certificate, its chain verified by `ca` for the name)."""
+    host = f"mta-sts.{domain}"
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: tls.recv(65536), b""))
+        der = tls.getpeercert(binary_form=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body.decode(), der
+
+
 def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, tmp_path):
-    """The site moves from its own certificate to an ACME CA (the test Internet's pebble)
-    and its nodes are rebooted with the new credentials: filter1 and store1 get
-    certificates for their names (the frontend's, store1's: ./build.py dns), validated
-    over HTTP-01 on fe1's and store1's port 80, and serve the CA's chain on 25, 587 and
-    993. A renewal forced on each is served without restarting a daemon, and an IMAP
-    session opened before it carries on after it. (Last in this module: the cluster
-    stays on ACME.)"""
+    """The site moves from its own certificate to an ACME CA (the test Internet's pebble),
+    publishes an MTA-STS policy, and its nodes are rebooted with the new credentials:
+    filter1 and store1 get certificates for their names (the frontend's, store1's:
+    ./build.py dns), fe1 one for the policy's names, validated over HTTP-01 on fe1's and
+    store1's port 80; they serve the CA's chain on 25, 587 and 993, and fe1 serves the
+    policy on 443 for each domain. A renewal forced on each is served without
+    restarting a daemon, and an IMAP session opened before it carries on after it.
+    (Last in this module: the cluster stays on ACME.)"""
     site = cluster.site
     cluster.site = site.model_copy(update={"tls": Tls(acme=Acme(
-        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca))})
+        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca),
+        mta_sts=MtaSts(mode="enforce"))})
+    cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
     fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")
     wait_mail_up(store)
     filter1.wait_for_unit("postfix.service", timeout=600)
-    for m in (filter1, store):
+    for m in (fe, filter1, store):
         try:
             m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source", timeout=600)
         except AssertionError as e:
@@ -563,7 +580,13 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
             except ssl.SSLCertVerificationError:
                 pass  # filter2, still on the site's certificate
         assert len(smtp) == 1, f"{len(smtp)} ACME certificates on port 25"
+        policies = {d: mta_sts_policy(fe.forward(443), d, roots) for d in cluster.site.mail_domains}
+        assert {d: (status, body.splitlines()) for d, (status, body, _) in policies.items()} == dict.fromkeys(
+            cluster.site.mail_domains, ("HTTP/1.1 200 OK", ["version: STSv1", "mode: enforce",
+                                                           f"mx: fe1.{domain}", "max_age: 604800"]))
+        assert len({der for _, _, der in policies.values()}) == 1
         return {"25": hashlib.sha256(smtp.pop()).hexdigest(),
+                "443": hashlib.sha256(policies[domain][2]).hexdigest(),
                 **{port: hashlib.sha256(served_certificate(forward, name, roots, starttls)).hexdigest()
                    for port, forward, name, starttls in (
                        ("587", fe.forward(587), f"fe1.{domain}", b"STARTTLS\r\n"),
@@ -571,16 +594,19 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
 
     def daemons() -> dict[tuple[str, str], str]:
         return {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
-                for m, unit in ((filter1, "postfix.service"), (store, "postfix.service"), (store, "dovecot.service"))}
+                for m, unit in ((fe, "haproxy.service"), (filter1, "postfix.service"), (store, "postfix.service"),
+                                (store, "dovecot.service"))}
 
     before, running = served(), daemons()
+    # Only the policy is served there.
+    assert mta_sts_policy(fe.forward(443), site.domain, roots, "/")[0] == "HTTP/1.1 404 Not Found"
     alice = USERS[0]
     session = imaplib.IMAP4_SSL("127.0.0.1", store.forward(993), ssl_context=ssl._create_unverified_context(),
                                 timeout=120)
     try:
         session.login(alice, cluster.secrets.user_password(alice))
-        with subtest("a renewal forced on filter1 and store1"):
-            for m in (filter1, store):
+        with subtest("a renewal forced on fe1, filter1 and store1"):
+            for m in (fe, filter1, store):
                 m.succeed("systemctl start mailcluster-acme@force.service")
         after = served()
         assert all(after[p] != before[p] for p in before), (before, after)
@@ -588,3 +614,36 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
     finally:
         session.logout()
     assert daemons() == running
+
+
+def test_dns_01_gets_a_certificate_through_the_sites_dns_server(cluster, tmp_path):
+    """The site answers its ACME CA with DNS-01 instead (tls.acme.dns_update: the test
+    Internet's Knot, which serves the site's zones and takes TSIG-signed updates), and
+    filter2, still on the site's own certificate, is rebooted with the new credentials:
+    it puts the challenge for the MX name into the zone, gets its certificate, takes the
+    challenge out again, and serves the CA's chain through fe1's port 25 like filter1.
+    (After the ACME test, on its site.)"""
+    site = cluster.site
+    assert site.tls.acme is not None, "runs on the ACME test's site"
+    key = cluster.internet.tsig_key_file(tmp_path / "dns-update.key")
+    cluster.site = site.model_copy(update={"tls": site.tls.model_copy(update={"acme": site.tls.acme.model_copy(
+        update={"dns_update": DnsUpdate(server=cluster.internet.ip, port=internet.DNS_UPDATE_PORT, key=key)})})})
+    (filter2,) = reboot_with_new_credentials(cluster, "filter2")
+    filter2.wait_for_unit("postfix.service", timeout=600)
+    try:
+        filter2.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source", timeout=600)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{filter2.journal('mailcluster-acme@renew.service')}\n"
+                             f"{cluster.internet.logs()}") from None
+    challenge = f"_acme-challenge.fe1.{site.domain}."
+    said = filter2.journal("mailcluster-acme@renew.service")
+    assert f"added {challenge} TXT at {cluster.internet.ip}:{internet.DNS_UPDATE_PORT}" in said, said
+    assert f"deleted {challenge} TXT" in said, said
+    assert cluster.internet.lookup(challenge, "TXT", internet.DNS_UPDATE_PORT) == []  # taken out again
+    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
+    roots = tmp_path / "acme-roots.pem"
+    roots.write_text(cluster.internet.acme_roots())
+    # Each connection goes to either filter: every one is the CA's, and both filters answer.
+    served = {served_certificate(cluster["fe1"].forward(25), f"fe1.{site.domain}", roots, b"STARTTLS\r\n")
+              for _ in range(6)}
+    assert len(served) == 2, f"{len(served)} certificates on port 25 (expected filter1's and filter2's)"

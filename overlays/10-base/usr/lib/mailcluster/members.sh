@@ -59,6 +59,21 @@ valid_ipv4() {
 	for o in "${BASH_REMATCH[@]:1}"; do ((10#$o <= 255)) || return 1; done
 }
 
+# install_tls DIR SOURCE: DIR's key.pem.tmp and cert.pem.tmp become the node's pair (the
+# key first: a daemon that starts in between reads the old pair or fails this once), and
+# SOURCE (site, acme or self-signed) is recorded. HAProxy, which never runs as root,
+# reads both from haproxy.pem, readable by its group (a frontend's MTA-STS policy HTTPS).
+install_tls() {
+	if getent group haproxy >/dev/null; then
+		cat "$1/cert.pem.tmp" "$1/key.pem.tmp" | put "$1/haproxy.pem.tmp" 0600
+		chgrp haproxy "$1/haproxy.pem.tmp" && chmod 0640 "$1/haproxy.pem.tmp"
+		mv -T "$1/haproxy.pem.tmp" "$1/haproxy.pem"
+	fi
+	mv -T "$1/key.pem.tmp" "$1/key.pem"
+	mv -T "$1/cert.pem.tmp" "$1/cert.pem"
+	echo "$2" | put "$1/source"
+}
+
 # resolv_conf FILE: resolv.conf for the addresses in FILE (one per line, at most three;
 # none, or no FILE: a node that resolves nothing), or what is wrong with them (status 1).
 resolv_conf() {
