@@ -120,10 +120,10 @@ def names(site: Site, node: Node) -> list[str]:
 
 def credentials(site: Site, node: Node, secrets: "Secrets") -> dict[str, bytes]:
     """`node`'s ACME credentials (none without tls.acme): the thumbprint for its port 80
-    (HTTP-01);
-    for a node that orders certificates, also the directory, contact and names
-    (mailcluster.acme), the account key and the ACME server's CA, when the site gives one;
-    for a frontend, the MTA-STS policy it serves (mailcluster.mta-sts)."""
+    (HTTP-01 only); for a node that orders certificates, also the directory, contact and
+    names (mailcluster.acme), the account key, the ACME server's CA when the site gives
+    one, and the DNS server and TSIG key for DNS-01; for a frontend, the MTA-STS policy
+    it serves (mailcluster.mta-sts)."""
     from .dns import mta_sts_policy
 
     acme = site.tls.acme

@@ -527,6 +527,18 @@ def reboot_with_new_credentials(cluster, *names: str) -> list:
     return new
 
 
+def wait_acme_certificate(cluster, m) -> None:
+    """Until `m` serves its certificate from the ACME CA: installed, and the renewal
+    unit done (it reloads the daemons last; until then they may serve the old one)."""
+    try:
+        m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source && "
+                              "systemctl show -P ActiveState mailcluster-acme@renew.service | grep -qx inactive",
+                              timeout=600)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
+                             f"{cluster.internet.logs()}") from None
+
+
 def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts.txt") -> tuple[str, str, bytes]:
     """What a sender fetching `domain`'s MTA-STS policy is answered on 127.0.0.1:`port`
     (status line, body, and the certificate, its chain verified by `ca` for the name)."""
@@ -559,11 +571,7 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
     wait_mail_up(store)
     filter1.wait_for_unit("postfix.service", timeout=600)
     for m in (fe, filter1, store):
-        try:
-            m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source", timeout=600)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
-                                 f"{cluster.internet.logs()}") from None
+        wait_acme_certificate(cluster, m)
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
     roots = tmp_path / "acme-roots.pem"
     roots.write_text(cluster.internet.acme_roots())
@@ -630,11 +638,7 @@ def test_dns_01_gets_a_certificate_through_the_sites_dns_server(cluster, tmp_pat
         update={"dns_update": DnsUpdate(server=cluster.internet.ip, port=internet.DNS_UPDATE_PORT, key=key)})})})
     (filter2,) = reboot_with_new_credentials(cluster, "filter2")
     filter2.wait_for_unit("postfix.service", timeout=600)
-    try:
-        filter2.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source", timeout=600)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{filter2.journal('mailcluster-acme@renew.service')}\n"
-                             f"{cluster.internet.logs()}") from None
+    wait_acme_certificate(cluster, filter2)
     challenge = f"_acme-challenge.fe1.{site.domain}."
     said = filter2.journal("mailcluster-acme@renew.service")
     assert f"added {challenge} TXT at {cluster.internet.ip}:{internet.DNS_UPDATE_PORT}" in said, said
