@@ -138,6 +138,25 @@ def dns(obj: Context, topology: str | None, resolver: str | None) -> None:
                              f"at {resolver}", hint="publish the records ./build.py dns prints (without --check)")
 
 
+@main.command()
+@click.option("--rules", is_flag=True, help="Print the alert rules file instead.")
+@click.option("--interval", default="30s", show_default=True, metavar="DURATION",
+              help="How often Prometheus scrapes, and evaluates the rules (e.g. 15s, 1m).")
+@click.pass_obj
+def monitoring(obj: Context, rules: bool, interval: str) -> None:
+    """Print a Prometheus scrape configuration for the site: every node's exporter
+    (prometheus-node-exporter) and the frontends' HAProxy, each target labelled with its
+    node and role. With --rules, the alert rules it names (mailcluster-rules.yml)."""
+    import re
+
+    from . import monitoring as mon
+    from .errors import ConfigError
+    if not re.fullmatch(r"[1-9][0-9]{0,3}[smh]", interval):
+        raise ConfigError(f"--interval {interval!r}: expected a number and s, m or h", hint="e.g. --interval 15s")
+    site = obj.site
+    click.echo(mon.alert_rules() if rules else mon.scrape_config(site, obj.profiles, interval), nl=False)
+
+
 @main.group()
 def dkim() -> None:
     """The site's DKIM keys: see each domain's selectors, rotate a domain's key."""

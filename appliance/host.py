@@ -137,6 +137,9 @@ NEEDS = [
     # The test Internet's authoritative server for the site's zones, which takes the DNS-01
     # updates (its own service is switched off, like unbound's).
     Need("knotd", "knot"),
+    # The monitoring tests' Prometheus (and promtool, which checks what ./build.py
+    # monitoring prints); its own service is switched off too.
+    Need("prometheus", "prometheus"),
 ]
 
 
@@ -191,9 +194,9 @@ def setup(log: Callable[[str], None] = print, install: bool = True) -> None:
     if any(n.package == "docker-registry" for n in need) and Path("/run/systemd/system").exists():
         # The package starts a registry on port 5000; the tests run their own on 127.0.0.1.
         _apt(["systemctl", "disable", "--now", "docker-registry.service"], env, log)
-    for package in ("unbound", "knot"):
+    for package in ("unbound", "knot", "prometheus"):
         if any(n.package == package for n in need) and Path("/run/systemd/system").exists():
-            # A DNS server on the host's port 53 that nothing asked for.
+            # A server on the host that nothing asked for (DNS on port 53, Prometheus on 9090).
             _apt(["systemctl", "disable", "--now", f"{package}.service"], env, log)
     still = missing()
     if still:

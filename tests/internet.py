@@ -168,6 +168,18 @@ class Internet:
     def exec(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return run("ip", "netns", "exec", self.netns, *cmd, **kw)
 
+    def spawn(self, name: str, *cmd: str) -> subprocess.Popen:
+        """Run `cmd` in the namespace (a peer on the cluster's network, at this address),
+        its output in NAME.log; stopped with the Internet, or by `end`."""
+        return self._spawn(name, *cmd)
+
+    def end(self, proc: subprocess.Popen) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
     def _spawn(self, name: str, *cmd: str, cwd: Path | None = None) -> subprocess.Popen:
         with open(self.workdir / f"{name}.log", "a") as log:
             cmd = (shutil.which(cmd[0], path=HOST_PATH) or cmd[0], *cmd[1:])

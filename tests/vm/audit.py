@@ -22,9 +22,9 @@ from appliance.vm import Machine
 
 # The mail daemons of each role, as systemd runs them.
 DAEMONS = {
-    "frontend": ["haproxy.service"],
-    "filter": ["postfix.service", "rspamd.service", "redis-server.service"],
-    "mailstore": ["postfix.service", "dovecot.service"],
+    "frontend": ["haproxy.service", "prometheus-node-exporter.service"],
+    "filter": ["postfix.service", "rspamd.service", "redis-server.service", "prometheus-node-exporter.service"],
+    "mailstore": ["postfix.service", "dovecot.service", "prometheus-node-exporter.service"],
 }
 # The product's own long-running or per-event units, reported (not held to a threshold).
 OWN_UNITS = {
