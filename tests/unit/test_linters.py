@@ -48,3 +48,12 @@ def test_the_builder_passes_mypy():
     r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "pyproject.toml", "--cache-dir", os.devnull],
                        cwd=paths.ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_test_module_has_a_name_of_its_own():
+    """pytest imports test modules by their base name (tests/unit and tests/vm are not
+    packages): a second test_X.py anywhere fails the whole run's collection."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((paths.ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(paths.ROOT)))
+    assert not {name: where for name, where in seen.items() if len(where) > 1}

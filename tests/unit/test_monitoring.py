@@ -1,7 +1,7 @@
 """./build.py monitoring: a scrape configuration Prometheus's own checker accepts, with
 every node's exporter where the profiles put it, and alert rules that fire on what
 they name (Prometheus's rule tests, promtool). (A real Prometheus scraping a booted
-cluster: tests/vm/test_monitoring.py.)"""
+cluster: tests/vm/test_metrics.py.)"""
 import shutil
 import subprocess
 
