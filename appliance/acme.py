@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
-import stat
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,23 +41,10 @@ TSIG_HINT = "make one with: tsig-keygen -a hmac-sha256 acme-update > KEY; chmod 
 def load_tsig_key(path: Path) -> str:
     """The site's TSIG key for DNS-01 updates: one key, not readable by others, rewritten
     from its parts (nothing else in the file reaches a node)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: TSIG key not found", hint=TSIG_HINT) from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot open the TSIG key: {e.strerror}", hint=TSIG_HINT) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: the TSIG key is not a regular file", hint=TSIG_HINT)
-        if st.st_mode & 0o077:
-            raise ConfigError(f"{path}: the TSIG key is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
-                              hint=f"chmod 600 {path}")
-        data = os.read(fd, 4097)
-    finally:
-        os.close(fd)
-    m = _TSIG.fullmatch(data.decode("ascii", errors="replace")) if len(data) <= 4096 else None
+    from .tls import read_site_file
+
+    text = read_site_file(path, "TSIG key", secret=True, hint=TSIG_HINT, limit=4096, not_text="not a TSIG key file")
+    m = _TSIG.fullmatch(text)
     if m is None:
         raise ConfigError(f"{path}: expected one TSIG key (key \"NAME\" {{ algorithm hmac-sha256; secret \"...\"; }};)",
                           hint=TSIG_HINT)
@@ -88,17 +73,15 @@ def thumbprint(account_key: str) -> str:
     return _b64url(hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest())
 
 
-# The roles whose nodes order certificates: the ones that terminate mail's TLS (the
-# filters' SMTP, the mailstores' submission and IMAP), and the frontends when they serve
-# the MTA-STS policy, for its names only (they pass mail's TLS through untouched).
-ORDERING_ROLES = ("filter", "mailstore", "frontend")
-
-
 def orders(site: Site, node: Node) -> bool:
-    """Whether `node` orders a certificate from the site's ACME CA."""
-    if site.tls.acme is None or node.role not in ORDERING_ROLES:
+    """Whether `node` orders a certificate from the site's ACME CA: the roles that
+    terminate mail's TLS do, and the frontends when they serve the MTA-STS policy, for its
+    names only (they pass mail's TLS through untouched)."""
+    from .credentials import TLS_ROLES
+
+    if site.tls.acme is None:
         return False
-    return node.role != "frontend" or site.tls.mta_sts is not None
+    return node.role in TLS_ROLES or (node.role == "frontend" and site.tls.mta_sts is not None)
 
 
 def names(site: Site, node: Node) -> list[str]:

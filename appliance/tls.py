@@ -75,35 +75,40 @@ def _openssl(args: list[str], stdin: str) -> str:
     return r.stdout
 
 
-def _read(path: Path, what: str, secret: bool) -> str:
+def read_site_file(path: Path, what: str, secret: bool, hint: str = HINT, limit: int = MAX_PEM_BYTES,
+                   not_text: str = "not PEM text (DER? convert it with openssl)") -> str:
+    """A file the site file names (a certificate, a key): a regular file, opened once and
+    checked on that descriptor, at most `limit` bytes of ASCII, and when `secret`, readable
+    by its owner only. ConfigError naming the file and the fix."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found", hint=HINT) from None
+        raise ConfigError(f"{path}: {what} not found", hint=hint) from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot open the {what}: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot open the {what}: {e.strerror}", hint=hint) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: the {what} is not a regular file", hint=HINT)
+            raise ConfigError(f"{path}: the {what} is not a regular file", hint=hint)
         if secret and st.st_mode & 0o077:
             raise ConfigError(f"{path}: the {what} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
                               hint=f"chmod 600 {path}")
-        data = os.read(fd, MAX_PEM_BYTES + 1)
+        data = os.read(fd, limit + 1)
     finally:
         os.close(fd)
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_PEM_BYTES // 1024} KiB; not a {what}", hint=HINT)
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit // 1024} KiB; not a {what}", hint=hint)
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not PEM text (DER? convert it with openssl)", hint=HINT) from None
+        raise ConfigError(f"{path}: {not_text}", hint=hint) from None
+
 
 
 def load_certificates(path: Path) -> str:
     """A PEM file of CA certificates (tls.acme.ca): only its certificate blocks, each one
     readable by openssl."""
-    text = _read(path, "CA certificate", secret=False)
+    text = read_site_file(path, "CA certificate", secret=False)
     blocks = [m.group(0) for m in _PEM.finditer(text)]
     if not blocks or any(m.group(1) != "CERTIFICATE" for m in _PEM.finditer(text)):
         raise ConfigError(f"{path}: expected PEM certificates only (BEGIN CERTIFICATE)",
@@ -119,7 +124,8 @@ def load_certificates(path: Path) -> str:
 def load(certificate: Path, key: Path, now: datetime.datetime | None = None) -> SiteCertificate:
     """Read and check the site's certificate and key: PEM, the key is the leaf's, and the
     leaf is valid now. Raises ConfigError naming the file and what to do."""
-    chain, key_pem = _read(certificate, "certificate", secret=False), _read(key, "private key", secret=True)
+    chain = read_site_file(certificate, "certificate", secret=False)
+    key_pem = read_site_file(key, "private key", secret=True)
     blocks = _PEM.findall(chain)
     if not blocks or any(kind != "CERTIFICATE" for kind, _ in blocks):
         raise ConfigError(f"{certificate}: expected PEM certificates only (BEGIN CERTIFICATE)", hint=HINT)

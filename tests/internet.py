@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.paths import HOST_PATH
+from appliance.paths import HOST_PATH, ROOT
 from appliance.wait import Timeout, retry
 from tests.tools import site_certificate
 
@@ -141,9 +141,7 @@ class Internet:
                     ["ip", "address", "add", str(self.address), "dev", "tap0"], ["ip", "link", "set", "tap0", "up"],
                     ["vde_plug2tap", "-d", "-s", str(self.switch), "-P", str(self.plug_pid), "tap0"]):
             self.exec(*cmd)
-        self._zones()
-        self.dns = self._spawn("dns", "knotd", "-c", str(self.workdir / "knot.conf"))
-        self.resolver = self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
+        self._start_dns()
         chain, key, self.ca = site_certificate(self.workdir / "tls", [f"mx.{PLAIN}", f"mta-sts.{STS}", f"acme.{PLAIN}"])
         (self.workdir / "pebble.json").write_text(json.dumps({"pebble": {
             "listenAddress": f"{self.ip}:14000", "managementListenAddress": f"{self.ip}:15000",
@@ -157,7 +155,7 @@ class Internet:
         (www / ".well-known").mkdir(parents=True)
         (www / ".well-known/mta-sts.txt").write_text(STS_POLICY)
         self._spawn("receiver", sys.executable, "-m", "tests.receiver", str(self.inbox), self.ip, str(chain), str(key),
-                    str(www), cwd=Path(__file__).parent.parent)
+                    str(www), cwd=ROOT)
         try:
             retry(lambda last: self._alive() and (self.inbox / "ready").exists() and self._resolves(),
                   timeout=60, interval=0.2)
@@ -195,13 +193,17 @@ class Internet:
             self.procs.remove(proc)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
-        self._zones()
-        self.dns = self._spawn("dns", "knotd", "-c", str(self.workdir / "knot.conf"))
-        self.resolver = self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
+        self._start_dns()
         try:
             retry(lambda last: self._alive() and self._resolves(), timeout=60, interval=0.2)
         except Timeout:
             raise RuntimeError("the test Internet's resolver did not come back:\n" + self.logs()) from None
+
+    def _start_dns(self) -> None:
+        """The zones written, then the site's DNS server and the resolver in front of it."""
+        self._zones()
+        self.dns = self._spawn("dns", "knotd", "-c", str(self.workdir / "knot.conf"))
+        self.resolver = self._spawn("resolver", "unbound", "-d", "-c", str(self.workdir / "unbound.conf"))
 
     def _alive(self) -> bool:
         dead = [p.args for p in self.procs if p.poll() is not None]
@@ -211,17 +213,10 @@ class Internet:
 
     def lookup(self, name: str, rtype: str, port: int = 53) -> list[str]:
         """What the resolver (port 53) or the site's DNS server (DNS_UPDATE_PORT) answers
-        for `name` and `rtype`, as zone-file data; empty for no such record."""
-        ask = ("import dns.resolver, sys; r = dns.resolver.Resolver(configure=False); r.nameservers = [sys.argv[1]]; "
-               "r.port = int(sys.argv[4]); a = r.resolve(sys.argv[2], sys.argv[3], lifetime=2, raise_on_no_answer=False)\n"
-               "print('\\n'.join(rd.to_text() for rd in (a.rrset or [])))")
-        r = subprocess.run([IP, "netns", "exec", self.netns, sys.executable, "-c", ask, self.ip, name, rtype, str(port)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            if "NXDOMAIN" in r.stderr or "does not exist" in r.stderr:
-                return []
-            raise RuntimeError(f"no answer for {name} {rtype} on port {port}: {r.stderr.strip()[-300:]}")
-        return r.stdout.split("\n")[:-1] if r.stdout.strip() else []
+        for `name` and `rtype`: ./build.py dns --check's lookup, from inside the namespace.
+        RuntimeError when nothing answers."""
+        ask = "import json, sys; from appliance.dns import lookup; print(json.dumps(lookup(*sys.argv[1:])))"
+        return json.loads(self.exec(sys.executable, "-c", ask, f"{self.ip}:{port}", name, rtype, cwd=ROOT).stdout)
 
     def _resolves(self) -> bool:
         try:

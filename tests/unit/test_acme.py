@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from appliance import paths
+from appliance import dns, paths
 from appliance.credentials import Secrets, node_credentials
 from appliance.errors import ConfigError
 from appliance.plan import Plan
@@ -251,21 +251,17 @@ def knot(tmp_path):
 
 
 def txt_records(port: int, name: str) -> list[str]:
-    """What the server answers for `name` TXT (it may still be starting: asked again)."""
-    import dns.exception
-    import dns.message
-    import dns.query
-
-    def ask(last: bool):
+    """What the server answers for `name` TXT (./build.py dns --check's lookup), asked
+    again while it is still starting."""
+    def ask(last: bool) -> list[str] | None:
         try:
-            return dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port, timeout=2)
-        except (OSError, dns.exception.Timeout):
+            return dns.lookup(f"127.0.0.1:{port}", name, "TXT")
+        except ConfigError:
             if last:
                 raise
             return None
 
-    answer = retry(ask, timeout=30, interval=0.2, until=lambda a: a is not None)
-    return [b"".join(rd.strings).decode() for rrset in answer.answer for rd in rrset]
+    return retry(ask, timeout=30, interval=0.2, until=lambda a: a is not None)
 
 
 def hook(tmp_path, *args: str, server: str | None) -> subprocess.CompletedProcess:

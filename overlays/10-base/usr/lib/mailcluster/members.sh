@@ -20,6 +20,10 @@ MC_STATE=${MC_STATE:-/var/lib/mailcluster}
 MC_ETC=${MC_ETC:-/etc}
 MEMBERS=$MC_STATE/members
 
+# What to do about a missing or malformed credential, for the scripts' messages.
+# shellcheck disable=SC2034
+FIX_CREDENTIALS="make this node's credentials with ./build.py credentials NODE"
+
 # fail STATUS MESSAGE...: MESSAGE on stderr (after "$MC_WHO: ", for a command that sets
 # it), then exit with STATUS. die MESSAGE...: the same, with status 1.
 fail() {
