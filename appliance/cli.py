@@ -141,7 +141,8 @@ def dns(obj: Context, topology: str | None, resolver: str | None) -> None:
 @main.command()
 @click.option("--rules", is_flag=True, help="Print the alert rules file instead.")
 @click.option("--interval", default="30s", show_default=True, metavar="DURATION",
-              help="How often Prometheus scrapes, and evaluates the rules (e.g. 15s, 1m).")
+              help="How often Prometheus scrapes, and evaluates the rules (e.g. 15s, 1m); a queue's growth is "
+              "judged over 20 of them.")
 @click.pass_obj
 def monitoring(obj: Context, rules: bool, interval: str) -> None:
     """Print a Prometheus scrape configuration for the site: every node's exporter
@@ -154,7 +155,7 @@ def monitoring(obj: Context, rules: bool, interval: str) -> None:
     if not re.fullmatch(r"[1-9][0-9]{0,3}[smh]", interval):
         raise ConfigError(f"--interval {interval!r}: expected a number and s, m or h", hint="e.g. --interval 15s")
     site = obj.site
-    click.echo(mon.alert_rules() if rules else mon.scrape_config(site, obj.profiles, interval), nl=False)
+    click.echo(mon.alert_rules(interval) if rules else mon.scrape_config(site, obj.profiles, interval), nl=False)
 
 
 @main.group()

@@ -19,10 +19,19 @@ if TYPE_CHECKING:
 JOBS = {
     "node-metrics": "node",  # prometheus-node-exporter, every node
     "stats": "haproxy",  # HAProxy's own exporter, the frontends
+    "dovecot-metrics": "dovecot",  # Dovecot's stats service, the mailstores
 }
 
+# How many scrape intervals the queue's growth is judged over (30 s: ten minutes). The
+# nodes sample their queue every 30 s (mailcluster-queue-metrics.timer).
+QUEUE_WINDOW = 20
+
+DEFERRED = 'mailcluster_postfix_queue_messages{queue="deferred"}'
+
 # name, expression, for, severity, summary. {{ $labels.node }} and {{ $labels.role }} are
-# the target labels this configuration gives each node.
+# the target labels this configuration gives each node. {half} and {window} are the
+# queue's window and its half (QUEUE_WINDOW scrape intervals). The mailcluster_* series
+# are the nodes' own (members.sh's METRICS, through the node exporter).
 RULES = [
     ("MailclusterNodeDown", 'up{job="node"} == 0', "1m", "critical",
      "{{ $labels.node }} ({{ $labels.role }}) does not answer Prometheus"),
@@ -32,7 +41,33 @@ RULES = [
      '1 - node_filesystem_avail_bytes{fstype=~"ext4|xfs|btrfs"} / node_filesystem_size_bytes{fstype=~"ext4|xfs|btrfs"}'
      ' > 0.85', "10m", "warning",
      "{{ $labels.node }}: {{ $labels.mountpoint }} is more than 85 % full"),
+    # Grew in each half of the window: mail keeps coming and does not leave (a mailstore
+    # or the Internet unreachable), not one message waiting for a retry.
+    ("MailclusterQueueGrowing",
+     f"{DEFERRED} > {DEFERRED} offset {{half}} and {DEFERRED} offset {{half}} > {DEFERRED} offset {{window}}", "0s",
+     "warning", "{{ $labels.node }}: {{ $value }} messages deferred, and more keep coming"),
+    ("MailclusterMailDelayed",
+     'time() - mailcluster_postfix_queue_oldest_arrival_timestamp_seconds{queue="deferred"} > 3600', "0s", "warning",
+     "{{ $labels.node }}: a deferred message has waited {{ $value | humanizeDuration }}"),
+    ("MailclusterMailstoreLocked", "mailcluster_mailstore_key_mounted == 0", "1m", "critical",
+     "{{ $labels.node }}: the mail store is locked (no key, or the wrong one): its users get no mail"),
+    ("MailclusterBackupStale",
+     "time() - mailcluster_backup_last_success_timestamp_seconds"
+     " > on(instance) group_left 2 * mailcluster_backup_interval_seconds", "0s", "warning",
+     "{{ $labels.node }}: the last backup to {{ $labels.backup }} completed {{ $value | humanizeDuration }} ago,"
+     " over twice its schedule"),
+    ("MailclusterCertificateExpiring", "mailcluster_certificate_expiry_timestamp_seconds - time() < 14 * 86400", "0s",
+     "warning", "{{ $labels.node }}: its TLS certificate ({{ $labels.source }}) expires in"
+     " {{ $value | humanizeDuration }}"),
+    # Every node that answers sees the same nodes (an announcement that missed one shows).
+    ("MailclusterMembershipDisagrees",
+     'count by (member_role, state) (count_values by (member_role, state) ("nodes", mailcluster_members)) > 1', "{window}",
+     "warning", "the nodes disagree on how many {{ $labels.state }} {{ $labels.member_role }} nodes the cluster has"),
 ]
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
 
 
 def targets(site: "Site", profiles: "ProfileSet") -> list[tuple[str, str, str, str]]:
@@ -65,9 +100,16 @@ def scrape_config(site: "Site", profiles: "ProfileSet", interval: str = "30s",
     return head + yaml.safe_dump(config, sort_keys=False)
 
 
-def alert_rules() -> str:
-    """The alert rules file the scrape configuration names."""
-    rules = [{"alert": name, "expr": expr, "for": duration, "labels": {"severity": severity},
-              "annotations": {"summary": summary}} for name, expr, duration, severity, summary in RULES]
+def alert_rules(interval: str = "30s") -> str:
+    """The alert rules file the scrape configuration names, for Prometheus scraping every
+    INTERVAL (NUMBER s|m|h)."""
+    window = _seconds(interval) * QUEUE_WINDOW
+
+    def timed(text: str) -> str:
+        return text.replace("{window}", f"{window}s").replace("{half}", f"{window // 2}s")
+
+    rules = [{"alert": name, "expr": timed(expr), "for": timed(duration),
+              "labels": {"severity": severity}, "annotations": {"summary": summary}}
+             for name, expr, duration, severity, summary in RULES]
     return ("# Alert rules for the mail cluster (./build.py monitoring --rules).\n"
             + yaml.safe_dump({"groups": [{"name": "mailcluster", "rules": rules}]}, sort_keys=False))

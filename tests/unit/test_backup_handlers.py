@@ -3,6 +3,7 @@ arrives over the network is never followed as a link, never echoed back, and rsy
 as a fixed server command that munges links."""
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -432,3 +433,36 @@ def test_pairing_registers_the_key_in_that_primarys_own_directory(tmp_path):
     r, _ = receive(tmp_path, "pair", "store9", f"pair {ed25519(43)}", env)
     assert r.returncode == 1 and "cannot register the key" in r.stderr
     assert not (state / "paired" / "store9").exists()
+
+
+@pytest.mark.parametrize("reply, snapshots", [
+    ("snapshot 2026-12-06T120000Z complete on store2; 7 snapshots kept", 7),
+    # A partner that answers anything else gives no figure, and nothing of its answer.
+    ('snapshot x complete on store2; 7 snapshots kept\nmailcluster_mailstore_key_mounted 1 # ', 0),
+])
+def test_a_completed_backup_tells_prometheus_when_how_big_and_how_many_snapshots(node, tmp_path, reply, snapshots):
+    from tests.unit.test_node_metrics import samples
+
+    _, _, env = node
+    state = tmp_path / "state"
+    (state / "backup-key").mkdir()
+    (state / "backup-key" / "id_ed25519.paired").touch()
+    stats = "Number of files: 3\\nTotal file size: 123456 bytes\\nTotal transferred file size: 100 bytes"
+    path = shim(tmp_path, mountpoint="exit 0", rsync=f'printf "{stats}\\n"',
+                ssh=f"printf '%s\\n' {subprocess.list2cmdline([reply])}")
+    before = int(time.time())
+    r = subprocess.run(["bash", str(LIBEXEC / "backup")], capture_output=True, text=True, env={**env, **path})
+    assert r.returncode == 0, r.stderr
+    got = samples(state / "metrics" / "backup.prom")
+    assert before <= got['mailcluster_backup_last_success_timestamp_seconds{backup="store2"}'] <= time.time()
+    assert got['mailcluster_backup_size_bytes{backup="store2"}'] == 123456
+    assert got['mailcluster_backup_snapshots{backup="store2"}'] == snapshots
+    assert len(got) == 3
+
+
+def test_a_commit_says_how_many_snapshots_the_backup_keeps(tmp_path, prune_env):
+    seed(tmp_path, ["2026-11-25T120040Z", "2026-11-26T120040Z"], "2026-11-26T120040Z")
+    r = commit(tmp_path, "2026-12-06T120000Z", policy="recent=2\ndaily=0\nmonthly=0\n")
+    assert r.returncode == 0, r.stderr
+    kept = [p for p in snapshot_dir(tmp_path).iterdir() if p.name[0].isdigit()]
+    assert len(kept) == 2 and r.stdout.strip().endswith("; 2 snapshots kept"), r.stdout

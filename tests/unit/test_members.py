@@ -111,6 +111,24 @@ def test_a_forgotten_node_leaves_the_membership_and_the_daemons(tmp_path):
     assert [c for c in node.called() if c.startswith("postconf -e")] == []
 
 
+def test_prometheus_is_told_the_membership_this_node_sees(tmp_path):
+    from tests.unit.test_node_metrics import samples
+
+    node = Node(tmp_path, "filter")
+    node.announce("10.77.0.10 forget filter2")
+    got = samples(node.state / "metrics" / "members.prom")
+    members = {k: v for k, v in got.items() if k.startswith("mailcluster_members{")}
+    assert {k: v for k, v in members.items() if v} == {
+        'mailcluster_members{member_role="frontend",state="active"}': 1,
+        'mailcluster_members{member_role="filter",state="active"}': 1,
+        'mailcluster_members{member_role="mailstore",state="active"}': 1,
+        'mailcluster_members{member_role="mailstore",state="standby"}': 1}
+    assert len(members) == 6  # every role and state, zeros too: a missing series hides nothing
+    assert {k: v for k, v in got.items() if k.startswith("mailcluster_member_records")} == {
+        'mailcluster_member_records{kind="user"}': 2, 'mailcluster_member_records{kind="alias"}': 2,
+        'mailcluster_member_records{kind="catchall"}': 0}
+
+
 def test_the_filter_is_given_recipients_routes_and_who_may_send_out(tmp_path):
     node = Node(tmp_path, "filter")
     r = node.run("apply")

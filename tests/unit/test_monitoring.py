@@ -40,8 +40,12 @@ def test_the_configuration_scrapes_every_node_where_its_exporter_listens(tmp_pat
     assert jobs["node"] == {(n.name, n.role): [f"{n.address}:{node_port[n.role]}"] for n in site.nodes}
     stats = Plan.of(profiles, site, "frontend").ports["stats"]
     assert jobs["haproxy"] == {("fe1", "frontend"): [f"{site.node('fe1').address}:{stats.port}"]}
-    # Both are for the admin network only, where the configuration says Prometheus runs.
-    assert {"admin"} == set(stats.allow) == set(Plan.of(profiles, site, "filter").ports["node-metrics"].allow)
+    dovecot = Plan.of(profiles, site, "mailstore").ports["dovecot-metrics"]
+    assert jobs["dovecot"] == {(n.name, n.role): [f"{n.address}:{dovecot.port}"] for n in site.nodes
+                               if n.role == "mailstore"}
+    # All are for the admin network only, where the configuration says Prometheus runs.
+    assert ({"admin"} == set(stats.allow) == set(dovecot.allow)
+            == set(Plan.of(profiles, site, "filter").ports["node-metrics"].allow))
 
 
 def test_the_alert_rules_fire_for_a_node_down_a_backend_down_and_a_full_disk(tmp_path):
@@ -87,3 +91,71 @@ def test_the_alert_rules_fire_for_a_node_down_a_backend_down_and_a_full_disk(tmp
 def test_a_bad_interval_is_refused():
     r = build_py("monitoring", "--interval", "5 s\nscrape_configs: []")
     assert r.returncode != 0 and "--interval" in r.stderr and "e.g. --interval 15s" in r.stderr
+
+
+def rule_test(tmp_path, interval: str, series: dict[str, str], alerts: list[tuple]) -> None:
+    """promtool's rule test: SERIES (name{labels} -> values) every INTERVAL, and for each
+    (eval_time, alertname, [(labels, summary)...]) exactly those alerts firing."""
+    printed(tmp_path)
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump({
+        "rule_files": ["mailcluster-rules.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": interval, "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                   "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": [
+                       {"exp_labels": labels, "exp_annotations": {"summary": summary}} for labels, summary in exp]}
+                       for at, name, exp in alerts]}]}))
+    r = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_growing_queue_and_a_split_view_raise_alerts_and_one_deferred_message_does_not(tmp_path):
+    """Scraped every 30 s, the queue's window is ten minutes: growth in both of its halves."""
+    q = 'mailcluster_postfix_queue_messages{job="node",node="%s",queue="deferred"}'
+    m = 'mailcluster_members{job="node",node="%s",member_role="filter",state="active"}'
+    rule_test(tmp_path, "1m", {
+        q % "filter1": "0 0 1+1x20",   # a stopped mailstore: every minute one more
+        q % "filter2": "0 0 1x20",     # one message waiting for its retry
+        # store1 and filter2 see two active filters, filter1 from minute 5 only one
+        m % "store1": "2x30", m % "filter2": "2x30", m % "filter1": "2x4 1x25",
+    }, [
+        ("8m", "MailclusterQueueGrowing", []),  # not yet a whole window
+        ("13m", "MailclusterQueueGrowing", [
+            ({"severity": "warning", "job": "node", "node": "filter1", "queue": "deferred"},
+             "filter1: 12 messages deferred, and more keep coming")]),
+        ("14m", "MailclusterMembershipDisagrees", []),  # for ten minutes
+        ("16m", "MailclusterMembershipDisagrees", [
+            ({"severity": "warning", "member_role": "filter", "state": "active"},
+             "the nodes disagree on how many active filter nodes the cluster has")]),
+    ])
+
+
+def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_and_delayed_mail(tmp_path):
+    node = {"job": "node", "instance": "10.77.0.31:9100", "node": "store1", "role": "mailstore"}
+
+    def s(name: str, **labels) -> str:
+        return name + "{" + ",".join(f'{k}="{v}"' for k, v in {**node, **labels}.items()) + "}"
+
+    day = 86400
+    rule_test(tmp_path, "1h", {
+        s("mailcluster_mailstore_key_mounted"): "1 0x100",
+        # an hourly backup, last done at 0 (the test's epoch)
+        s("mailcluster_backup_interval_seconds"): "3600x100",
+        s("mailcluster_backup_last_success_timestamp_seconds", backup="store2"): "0x100",
+        # expires on day 15
+        s("mailcluster_certificate_expiry_timestamp_seconds", source="acme"): f"{15 * day}x100",
+        s("mailcluster_postfix_queue_oldest_arrival_timestamp_seconds", queue="deferred"): "0x100",
+    }, [
+        # (sampled hourly: a sample stays current for five minutes)
+        ("2h2m", "MailclusterMailstoreLocked", [
+            ({"severity": "critical", **node},
+             "store1: the mail store is locked (no key, or the wrong one): its users get no mail")]),
+        ("2h", "MailclusterBackupStale", []),  # twice the schedule: not yet over
+        ("3h", "MailclusterBackupStale", [
+            ({"severity": "warning", **node, "backup": "store2"},
+             "store1: the last backup to store2 completed 3h 0m 0s ago, over twice its schedule")]),
+        ("0", "MailclusterCertificateExpiring", []),
+        ("2d", "MailclusterCertificateExpiring", [
+            ({"severity": "warning", **node, "source": "acme"}, "store1: its TLS certificate (acme) expires in 13d 0h 0m 0s")]),
+        ("0", "MailclusterMailDelayed", []),
+        ("2h", "MailclusterMailDelayed", [
+            ({"severity": "warning", **node, "queue": "deferred"}, "store1: a deferred message has waited 2h 0m 0s")]),
+    ])

@@ -31,14 +31,15 @@ ONLY_WITH_ACME = {"fe1": {80, 443}, "filter1": set(), "store1": {80}}
 # cluster ports of the peer's role: a filter takes SMTP from frontends only and outgoing
 # mail (10025) from mailstores only; a mailstore takes SMTP from filters only and
 # relayed submission (10587) from frontends only; a frontend's stats are for the admin
-# network, which here is every peer, and so is every node's exporter (9100).
+# network, which here is every peer, and so is every node's exporter (9100) and a
+# mailstore's Dovecot metrics (9900).
 FROM_PEER = {
     ("fe1", "filter1"): {22, 25, 587, 8404, 9100},
     ("filter1", "fe1"): {22, 25, 9100},
     ("filter1", "store1"): {22, 10025, 9100},
     ("filter1", "filter2"): {22, 9100},
-    ("store1", "filter1"): {22, 25, 143, 587, 993, 9100},
-    ("store1", "fe1"): {22, 143, 587, 993, 10587, 9100},
+    ("store1", "filter1"): {22, 25, 143, 587, 993, 9100, 9900},
+    ("store1", "fe1"): {22, 143, 587, 993, 10587, 9100, 9900},
 }
 EXPOSURE_LIMIT = 5.0  # systemd-analyze's "MEDIUM" or better
 

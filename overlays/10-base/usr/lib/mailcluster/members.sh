@@ -47,6 +47,15 @@ update() {
 	mv -T "$1.new" "$1"
 }
 
+# The node's own figures for Prometheus: the node exporter's textfile collector reads
+# every *.prom file in METRICS (its unit's drop-in points it here). Each writer owns one
+# file and rewrites it whole when what it measures changes.
+METRICS=${MC_METRICS:-$MC_STATE/metrics}
+# put_metrics NAME TEXT: TEXT (Prometheus' text format) becomes METRICS/NAME.prom.
+put_metrics() {
+	install -d -m 0755 "$METRICS" && printf '%s\n' "$2" | put "$METRICS/$1.prom" 0644
+}
+
 valid_name() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
 valid_role() { valid_name "$1" && [[ " ${MC_ROLES[*]} " == *" $1 "* ]]; }
 valid_state() { [[ $1 == active || $1 == standby ]]; }
@@ -76,6 +85,11 @@ install_tls() {
 	mv -T "$1/key.pem.tmp" "$1/key.pem"
 	mv -T "$1/cert.pem.tmp" "$1/cert.pem"
 	echo "$2" | put "$1/source"
+	local end
+	end=$(openssl x509 -noout -enddate -in "$1/cert.pem" | sed -n 's/^notAfter=//p') && end=$(date -d "$end" +%s) &&
+		put_metrics tls "# HELP mailcluster_certificate_expiry_timestamp_seconds When the node's TLS certificate expires, by where it came from.
+# TYPE mailcluster_certificate_expiry_timestamp_seconds gauge
+mailcluster_certificate_expiry_timestamp_seconds{source=\"$2\"} $end" || echo "could not write the certificate's metrics" >&2
 }
 
 # resolv_conf FILE: resolv.conf for the addresses in FILE (one per line, at most three;

@@ -61,3 +61,33 @@ install_store() {
 	rsync -a --numeric-ids --fake-super -M--super "$1/crypt/" "$MAIL/crypt/" &&
 		rsync -a --numeric-ids --fake-super -M--super "$1/key-signature" "$MAIL/key-signature"
 }
+
+# backup_metrics BACKUP WHEN [SIZE SNAPSHOTS]: the last successful backup to BACKUP, for
+# Prometheus (WHEN: seconds since the epoch; before the first one, when pairing began,
+# so that a primary that never manages one is noticed like one whose backups stopped).
+backup_metrics() {
+	local text="# HELP mailcluster_backup_last_success_timestamp_seconds When the last backup to the backup peer completed (before the first: when pairing began).
+# TYPE mailcluster_backup_last_success_timestamp_seconds gauge
+mailcluster_backup_last_success_timestamp_seconds{backup=\"$1\"} $2"
+	if (($# == 4)); then
+		text+="
+# HELP mailcluster_backup_size_bytes Size of the store that backup sent (its ciphertext).
+# TYPE mailcluster_backup_size_bytes gauge
+mailcluster_backup_size_bytes{backup=\"$1\"} $3
+# HELP mailcluster_backup_snapshots Snapshots of this store the backup peer keeps, after that backup.
+# TYPE mailcluster_backup_snapshots gauge
+mailcluster_backup_snapshots{backup=\"$1\"} $4"
+	fi
+	put_metrics backup "$text"
+}
+
+# schedule_metrics CALENDAR: how often the backup timer fires (OnCalendar CALENDAR), for
+# the alert on a backup older than twice that.
+schedule_metrics() {
+	local at
+	mapfile -t at < <(systemd-analyze calendar --iterations=2 "$1" | sed -n 's/^ *\(Next elapse\|Iteration #2\): //p')
+	((${#at[@]} == 2)) && at=("$(date -d "${at[0]}" +%s)" "$(date -d "${at[1]}" +%s)") || return 1
+	put_metrics backup-schedule "# HELP mailcluster_backup_interval_seconds Time between two scheduled backups (site: backups[].schedule).
+# TYPE mailcluster_backup_interval_seconds gauge
+mailcluster_backup_interval_seconds $((at[1] - at[0]))"
+}
