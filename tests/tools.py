@@ -4,10 +4,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
+
+from appliance.paths import HOST_PATH
 
 if TYPE_CHECKING:
     from appliance.plan import Plan
@@ -103,3 +106,15 @@ def site_certificate(dest: Path, names: list[str], days: int = 30) -> tuple[Path
     chain = dest / "site-chain.pem"
     chain.write_text(leaf.read_text() + ca.read_text())
     return chain, key, ca
+
+
+PROMTOOL = shutil.which("promtool", path=HOST_PATH) or "promtool"
+
+
+def samples(prom: Path) -> dict[str, float]:
+    """A .prom file's samples, after promtool has accepted the file as Prometheus would."""
+    text = prom.read_text()
+    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr + text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance import paths
-from tests.tools import script_lib
+from tests.tools import samples, script_lib
 
 STORE_LIB = paths.OVERLAYS / "60-mailstore/usr/lib/mailcluster"
 LIBEXEC = paths.OVERLAYS / "60-mailstore/usr/libexec/mailcluster"
@@ -441,8 +441,6 @@ def test_pairing_registers_the_key_in_that_primarys_own_directory(tmp_path):
     ('snapshot x complete on store2; 7 snapshots kept\nmailcluster_mailstore_key_mounted 1 # ', 0),
 ])
 def test_a_completed_backup_tells_prometheus_when_how_big_and_how_many_snapshots(node, tmp_path, reply, snapshots):
-    from tests.unit.test_node_metrics import samples
-
     _, _, env = node
     state = tmp_path / "state"
     (state / "backup-key").mkdir()

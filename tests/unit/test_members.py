@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance import paths
-from tests.tools import script_lib
+from tests.tools import samples, script_lib
 
 MEMBERS = paths.OVERLAYS / "10-base/usr/libexec/mailcluster/members"
 
@@ -112,8 +112,6 @@ def test_a_forgotten_node_leaves_the_membership_and_the_daemons(tmp_path):
 
 
 def test_prometheus_is_told_the_membership_this_node_sees(tmp_path):
-    from tests.unit.test_node_metrics import samples
-
     node = Node(tmp_path, "filter")
     node.announce("10.77.0.10 forget filter2")
     got = samples(node.state / "metrics" / "members.prom")

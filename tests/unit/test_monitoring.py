@@ -2,20 +2,15 @@
 every node's exporter where the profiles put it, and alert rules that fire on what
 they name (Prometheus's rule tests, promtool). (A real Prometheus scraping a booted
 cluster: tests/vm/test_metrics.py.)"""
-import shutil
 import subprocess
 
 import yaml
 
-from appliance.paths import HOST_PATH
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
 from appliance.site import load_site
 from appliance import paths
-from tests.tools import build_py
-
-PROMTOOL = shutil.which("promtool", path=HOST_PATH) or "promtool"
-
+from tests.tools import PROMTOOL, build_py
 
 def printed(tmp_path) -> tuple[dict, str]:
     config = build_py("monitoring", "--interval", "15s")

@@ -12,21 +12,10 @@ from pathlib import Path
 import pytest
 
 from appliance import paths
-from appliance.paths import HOST_PATH
-from tests.tools import script_lib
+from tests.tools import samples, script_lib
 
-PROMTOOL = shutil.which("promtool", path=HOST_PATH) or "promtool"
 QUEUE_METRICS = paths.OVERLAYS / "30-postfix/usr/libexec/mailcluster/queue-metrics"
 STORE_LIB = paths.OVERLAYS / "60-mailstore/usr/lib/mailcluster/store.sh"
-
-
-def samples(prom: Path) -> dict[str, float]:
-    """A .prom file's samples, after promtool has accepted the file as Prometheus would."""
-    text = prom.read_text()
-    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr + text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 @pytest.fixture
