@@ -112,6 +112,13 @@ def test_the_nodes_own_figures_key_membership_and_certificates(prometheus):
     tls_nodes = {n for n in SHARED_NODES if cluster.site.node(n).role in TLS_ROLES}
     assert tls_nodes <= {dict(labels)["node"] for labels in certs}, certs
     assert all(expiry > time.time() + 14 * 86400 for expiry in certs.values()), certs
+    # Unit states: the ones each role enables (its daemons, active), not the whole system's.
+    active: dict[str, set[str]] = {}
+    for labels in query(cluster, 'node_systemd_unit_state{state="active"} == 1'):
+        active.setdefault(dict(labels)["node"], set()).add(dict(labels)["name"])
+    assert {"rspamd.service", "redis-server.service", "postfix.service"} <= active["filter1"], active
+    assert "haproxy.service" in active["fe1"] and "dovecot.service" in active["store1"], active
+    assert not any("systemd-journald.service" in units for units in active.values()), active
 
 
 def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_returns(prometheus):
