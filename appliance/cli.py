@@ -158,6 +158,23 @@ def monitoring(obj: Context, rules: bool, interval: str) -> None:
     click.echo(mon.alert_rules(interval) if rules else mon.scrape_config(site, obj.profiles, interval), nl=False)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--timeout", default=5.0, show_default=True, metavar="SECONDS", help="How long to wait for each endpoint.")
+@click.pass_obj
+def status(obj: Context, as_json: bool, timeout: float) -> None:
+    """The cluster at a glance, from a host of the admin network: each node up or down,
+    its image, mail store, queues, last backup, certificate and disks, the frontends'
+    backends, and whether the nodes agree on the membership. Read from the endpoints
+    ./build.py monitoring scrapes; exits 1 when something needs attention, saying what."""
+    from . import status as st
+
+    result = st.collect(obj.site, obj.profiles, timeout=timeout)
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else st.table(result), nl=as_json)
+    if result["attention"]:
+        raise SystemExit(1)
+
+
 @main.group()
 def dkim() -> None:
     """The site's DKIM keys: see each domain's selectors, rotate a domain's key."""

@@ -28,6 +28,13 @@ QUEUE_WINDOW = 20
 
 DEFERRED = 'mailcluster_postfix_queue_messages{queue="deferred"}'
 
+# What needs attention, for the alert rules and ./build.py status alike.
+DISK_FULL = 0.85  # of a disk's file systems (DISK_FSTYPES) used
+DISK_FSTYPES = "ext4|xfs|btrfs"
+MAIL_DELAYED = 3600  # seconds a deferred message may wait
+BACKUP_STALE = 2  # times the backup schedule's interval since the last completed backup
+CERT_DAYS = 14  # days before a certificate expires (ACME renews at 30)
+
 # name, expression, for, severity, summary. {{ $labels.node }} and {{ $labels.role }} are
 # the target labels this configuration gives each node. {half} and {window} are the
 # queue's window and its half (QUEUE_WINDOW scrape intervals). The mailcluster_* series
@@ -38,25 +45,26 @@ RULES = [
     ("MailclusterFrontendBackendDown", 'haproxy_server_status{state="DOWN"} == 1', "1m", "warning",
      "{{ $labels.node }}: HAProxy has taken {{ $labels.server }} out of {{ $labels.proxy }}"),
     ("MailclusterDiskFilling",
-     '1 - node_filesystem_avail_bytes{fstype=~"ext4|xfs|btrfs"} / node_filesystem_size_bytes{fstype=~"ext4|xfs|btrfs"}'
-     ' > 0.85', "10m", "warning",
-     "{{ $labels.node }}: {{ $labels.mountpoint }} is more than 85 % full"),
+     f'1 - node_filesystem_avail_bytes{{fstype=~"{DISK_FSTYPES}"}} / node_filesystem_size_bytes{{fstype=~"{DISK_FSTYPES}"}}'
+     f' > {DISK_FULL}', "10m", "warning",
+     f"{{{{ $labels.node }}}}: {{{{ $labels.mountpoint }}}} is more than {DISK_FULL:.0%} full".replace("%", " %")),
     # Grew in each half of the window: mail keeps coming and does not leave (a mailstore
     # or the Internet unreachable), not one message waiting for a retry.
     ("MailclusterQueueGrowing",
      f"{DEFERRED} > {DEFERRED} offset {{half}} and {DEFERRED} offset {{half}} > {DEFERRED} offset {{window}}", "0s",
      "warning", "{{ $labels.node }}: {{ $value }} messages deferred, and more keep coming"),
     ("MailclusterMailDelayed",
-     'time() - mailcluster_postfix_queue_oldest_arrival_timestamp_seconds{queue="deferred"} > 3600', "0s", "warning",
+     f'time() - mailcluster_postfix_queue_oldest_arrival_timestamp_seconds{{queue="deferred"}} > {MAIL_DELAYED}', "0s",
+     "warning",
      "{{ $labels.node }}: a deferred message has waited {{ $value | humanizeDuration }}"),
     ("MailclusterMailstoreLocked", "mailcluster_mailstore_key_mounted == 0", "1m", "critical",
      "{{ $labels.node }}: the mail store is locked (no key, or the wrong one): its users get no mail"),
     ("MailclusterBackupStale",
      "time() - mailcluster_backup_last_success_timestamp_seconds"
-     " > on(instance) group_left 2 * mailcluster_backup_interval_seconds", "0s", "warning",
+     f" > on(instance) group_left {BACKUP_STALE} * mailcluster_backup_interval_seconds", "0s", "warning",
      "{{ $labels.node }}: the last backup to {{ $labels.backup }} completed {{ $value | humanizeDuration }} ago,"
-     " over twice its schedule"),
-    ("MailclusterCertificateExpiring", "mailcluster_certificate_expiry_timestamp_seconds - time() < 14 * 86400", "0s",
+     f" over {BACKUP_STALE} times its schedule"),
+    ("MailclusterCertificateExpiring", f"mailcluster_certificate_expiry_timestamp_seconds - time() < {CERT_DAYS} * 86400", "0s",
      "warning", "{{ $labels.node }}: its TLS certificate ({{ $labels.source }}) expires in"
      " {{ $value | humanizeDuration }}"),
     # Every node that answers sees the same nodes (an announcement that missed one shows).

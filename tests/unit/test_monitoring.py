@@ -146,7 +146,7 @@ def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_and_de
         ("2h", "MailclusterBackupStale", []),  # twice the schedule: not yet over
         ("3h", "MailclusterBackupStale", [
             ({"severity": "warning", **node, "backup": "store2"},
-             "store1: the last backup to store2 completed 3h 0m 0s ago, over twice its schedule")]),
+             "store1: the last backup to store2 completed 3h 0m 0s ago, over 2 times its schedule")]),
         ("0", "MailclusterCertificateExpiring", []),
         ("2d", "MailclusterCertificateExpiring", [
             ({"severity": "warning", **node, "source": "acme"}, "store1: its TLS certificate (acme) expires in 13d 0h 0m 0s")]),

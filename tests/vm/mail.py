@@ -12,9 +12,11 @@ import shlex
 import smtplib
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+from appliance import paths
 from appliance.vm import Machine
 from appliance.wait import Timeout, retry
 
@@ -245,3 +247,12 @@ def wait_in_mailboxes(c, tokens: list[str], timeout: float = 300, store: str = "
         return tokens_now
 
     return retry(found, timeout=timeout, interval=5, until=lambda now: set(tokens) <= set(now))
+
+
+def build_status(c) -> tuple[dict, int]:
+    """./build.py status --json, run where an operator would: on the admin network (the
+    test Internet's namespace). A node slowed by TCG gets longer than the default to answer."""
+    out = c.internet.exec("sh", "-c", '"$0" "$1" status --json --timeout 20; echo "exit $?"', sys.executable,
+                          str(paths.ROOT / "build.py")).stdout
+    body, _, code = out.rstrip().rpartition("\n")
+    return json.loads(body), int(code.removeprefix("exit "))

@@ -14,7 +14,7 @@ from appliance import monitoring
 from appliance.credentials import TLS_ROLES
 from appliance.wait import Timeout, retry
 from tests.conftest import SHARED_NODES
-from tests.vm.mail import FILTERS, new_tokens, send, wait_in_mailboxes
+from tests.vm.mail import FILTERS, build_status, new_tokens, queued, send, wait_in_mailboxes
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -131,6 +131,7 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
     delivered = 'sum(dovecot_mail_deliveries_total{node="store1"})'
     deliveries_before = query(cluster, delivered)
     sent: list[str] = []
+    started = time.time()
     store.succeed("systemctl stop postfix.service")
     try:
         def growing(last: bool) -> list:
@@ -141,8 +142,15 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
             alerts = retry(growing, timeout=480, interval=10,
                            until=lambda a: any(name == "MailclusterQueueGrowing" for name, _ in a))
         except Timeout:
+            # (a filter whose exporter stopped answering was seen once: what each was doing)
+            doing = "\n".join(f"--- {f} ---\n" + cluster[f].execute(
+                "uptime; systemctl --failed --no-legend; journalctl -b --no-pager -o short-monotonic -p warning"
+                " | tail -25; journalctl -b --no-pager -o short-monotonic -u prometheus-node-exporter -u rspamd"
+                " | tail -15", timeout=120)[1] for f in FILTERS)
+            slowest = query(cluster, "max_over_time(scrape_duration_seconds[10m])")
             raise AssertionError(f"firing: {firing(cluster)}; deferred: {query(cluster, deferred)}; "
-                                 f"{len(sent)} sent\n{cluster.internet.logs()}") from None
+                                 f"slowest scrapes: {slowest}; "
+                                 f"{len(sent)} sent\n{doing}\n{cluster.internet.logs()}") from None
         grown = {node for name, node in alerts if name == "MailclusterQueueGrowing"}
         assert grown <= set(FILTERS), alerts
         # The figures behind it: the filters hold what was sent, since the first of it.
@@ -150,6 +158,20 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
         assert {dict(labels)["node"] for labels in oldest} >= grown
         held = sum(v for labels, v in query(cluster, deferred).items() if dict(labels)["node"] in FILTERS)
         assert 2 <= held <= len(sent), (held, len(sent))
+        # ./build.py status, from the admin network, shows each filter's queue as Postfix
+        # itself lists it (once the node has sampled it again: no mail comes in now), and
+        # says store2 is down.
+        try:
+            shown, code = retry(lambda last: build_status(cluster), timeout=120, interval=10,
+                                until=lambda r: all(sum(r[0]["nodes"][f].get("queue", {}).values()) == queued(cluster[f])
+                                                    for f in FILTERS))
+        except Timeout as e:
+            raise AssertionError(f"status: {e.last}; postqueue: {[queued(cluster[f]) for f in FILTERS]}") from None
+        assert code == 1 and shown["nodes"]["store2"]["up"] is False
+        assert any(a.startswith("store2 (mailstore): its exporter") for a in shown["attention"]), shown["attention"]
+        for f in grown:
+            assert 0 < shown["nodes"][f]["oldest_deferred_seconds"] < time.time() - started + 60, shown["nodes"][f]
+        assert shown["nodes"]["store1"]["store"] == "mounted" and shown["nodes"]["fe1"]["backends"]
     finally:
         store.succeed("systemctl start postfix.service")
     wait_in_mailboxes(cluster, sent, timeout=420)
@@ -161,13 +183,13 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
     except Timeout as e:
         raise AssertionError(f"Dovecot counted {e.last} deliveries, {before} before {len(sent)} more") from None
 
-    def queued(last: bool) -> dict:
+    def queue_figures(last: bool) -> dict:
         return {dict(labels)["node"]: v for labels, v in
                 query(cluster, 'sum by (node) (mailcluster_postfix_queue_messages)').items()}
 
     postfix_nodes = {"filter1", "filter2", "store1"}
     try:
-        retry(queued, timeout=180, interval=5, until=lambda q: set(q) == postfix_nodes and not any(q.values()))
+        retry(queue_figures, timeout=180, interval=5, until=lambda q: set(q) == postfix_nodes and not any(q.values()))
     except Timeout as e:
         raise AssertionError(f"queue figures after delivery: {e.last}\n" + "\n".join(
             f"{n}: " + cluster[n].execute("ls -l /var/lib/mailcluster/metrics; cat /var/lib/mailcluster/metrics/queue.prom;"

@@ -4,13 +4,15 @@ every acknowledged message is there. Runs last on the shared cluster: it ends wi
 store1 rebuilt and restored from store2, and store2 shut down."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from appliance.credentials import ssh_key
 from appliance.vm import subtest
 from tests.conftest import _live
-from tests.vm.mail import (USERS, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup, scan_disk, send,
-                           wait_in_mailboxes, wait_mail_up)
+from tests.vm.mail import (USERS, build_status, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup,
+                           scan_disk, send, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -75,7 +77,7 @@ def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
 
 
 def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, delivered_twice):
-    _, _, (one, two) = delivered_twice
+    _, _, (one, two), _ = delivered_twice
     print(f"\nbackup of 100 messages: {one['bytes']} bytes in {one['files']} files; "
           f"after 50 more: {two['bytes']} bytes in {two['files']} files", flush=True)
     # eCryptfs stores each sdbox message as its own file (>= 12 KiB of ciphertext): the
@@ -104,6 +106,19 @@ def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, de
             store2.fail(f"runuser -u mcb-store1 -- {attempt}")
 
 
+def test_status_shows_each_backup_as_it_completes(cluster, store2, delivered_twice):
+    """./build.py status, from the admin network: store1's last backup to store2, younger
+    after the second run and with one more snapshot kept, as many as store2 holds."""
+    _, _, (_, two), (before, after) = delivered_twice
+    was, now = (s["nodes"]["store1"].get("backup") for s in (before, after))
+    assert was and now and was["to"] == now["to"] == "store2", (before, after)
+    assert now["age_seconds"] < was["age_seconds"], (was, now)
+    assert 0 <= now["age_seconds"] <= time.time() - two["done"] + 60, now
+    kept = [s for s in store2.succeed(f"ls {SNAPSHOTS}").split() if s != "latest"]
+    assert now["snapshots"] == was["snapshots"] + 1 == len(kept), (was, now, kept)
+    assert now["size_bytes"] > 0 and after["nodes"]["store2"]["up"] is True, after
+
+
 @pytest.fixture(scope="module")
 def delivered_twice(cluster, store2):
     store2.start()  # (already up after the wrong-secret test)
@@ -115,12 +130,15 @@ def delivered_twice(cluster, store2):
     first = deliver(cluster, 100)
     one = run_backup(cluster["store1"])
     second = deliver(cluster, 50)
+    # ./build.py status before and after the second run (what an operator checks)
+    before = build_status(cluster)[0]
     two = run_backup(cluster["store1"])
-    return first, second, (one, two)
+    two["done"] = time.time()
+    return first, second, (one, two), (before, build_status(cluster)[0])
 
 
 def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_twice, secrets):
-    first, second, _ = delivered_twice
+    first, second, *_ = delivered_twice
     cluster["store1"].crash()
     key = secrets.mailstore_key("store1")
     out = store2.succeed(f"mailcluster-takeover store1 - <<'EOF'\n{key}\nEOF", timeout=900)
@@ -138,7 +156,7 @@ def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivere
     store2 hands it every message store2 holds for it, mail goes to store1 again, store2
     returns to standby, and store1's backups carry on from what store2 handed back."""
     served = sorted(mailbox_tokens(cluster, "store2"))
-    _, second, _ = delivered_twice
+    _, second, *_ = delivered_twice
     assert set(t for _, t in second) <= set(served), "store2 does not serve store1's mail: no fail-over to undo"
     store1 = cluster["store1"]
     store1.start(fresh=True)
@@ -170,7 +188,7 @@ def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivere
 def test_no_plaintext_anywhere_on_the_backups_disk(cluster, store2, delivered_twice, tmp_path):
     """Read store2's whole disk as raw bytes on the host: backups, then a takeover that
     served the same mail over IMAP, and still no message token in plaintext."""
-    first, second, (one, _) = delivered_twice
+    first, second, (one, _), _ = delivered_twice
     store2.shutdown()  # last test on the shared cluster: QEMU flushes the disk on exit
     found, control = scan_disk(store2, tmp_path, [t for _, t in first + second], one["snapshot"].encode())
     assert control > 0, "the scan did not see the backup's own snapshot names (ext4 metadata)"
