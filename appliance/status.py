@@ -60,7 +60,7 @@ def _one(samples: Samples, name: str, **match: str) -> float | None:
     return found[0][1] if found else None
 
 
-def node_status(role: str, samples: Samples, now: float) -> tuple[dict[str, Any], list[str]]:
+def node_status(samples: Samples, now: float) -> tuple[dict[str, Any], list[str]]:
     """One answering node's figures, and what about them needs attention."""
     info: dict[str, Any] = {}
     attention: list[str] = []
@@ -147,7 +147,7 @@ def collect(site: "Site", profiles: "ProfileSet", read: Callable[[str], str] | N
             continue
         if job == "node":
             entry["up"] = True
-            info, said = node_status(role, samples, now)
+            info, said = node_status(samples, now)
             entry.update(info)
             attention += [f"{name}: {s}" for s in said]
         elif job == "haproxy":
