@@ -24,6 +24,9 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.pairing-key         a primary mailstore: the secret it shares with its backup
                                   (an SSH key: proving it is what lets the primary pair)
   mailcluster.pairing-key.PRIMARY a backup mailstore: the same secret, for each primary
+  mailcluster.openpgp             mailstore: per user with an OpenPGP certificate, "user ADDRESS"
+                                  and the armored certificate (public): mail to ADDRESS is
+                                  stored encrypted to it (appliance/openpgp.py)
   mailcluster.backup              mailstore in a backup pair: lines schedule= (OnCalendar=,
                                   primary only), recent=, daily=, monthly= (retention)
   mailcluster.dkim-key.DOMAIN     filter: the private key that signs DOMAIN's outgoing mail
@@ -52,7 +55,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import acme, paths
+from . import acme, openpgp, paths
 from .passwords import hash_password
 from .site import Node, Site
 
@@ -271,6 +274,8 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
     if node.role == "mailstore":
         creds["mailcluster.mailstore-key"] = secrets.mailstore_key(node.name).encode()
         creds["mailcluster.mail-users"] = mail_users(site, secrets).encode()
+        # Every mailstore: a backup that takes over stores its primary's users' mail.
+        creds["mailcluster.openpgp"] = openpgp.certificates(site).encode()
         r = site.retention
         policy = f"recent={r.recent}\ndaily={r.daily}\nmonthly={r.monthly}\n"
         for pair in site.backups:

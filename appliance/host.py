@@ -126,6 +126,9 @@ NEEDS = [
     # run the images' backup and restore scripts (which copy with rsync).
     Need("shellcheck", "shellcheck"),
     Need("rsync", "rsync"),
+    # The host tests of the mailstore's OpenPGP step run its pgp-wrap, which encrypts with
+    # Sequoia's sqop (GnuPG, an independent implementation, decrypts in the tests).
+    Need("sqop", "sqop"),
     # The DNS tests' resolver for `./build.py dns --check` (the binary only: no service).
     Need("dnsmasq", "dnsmasq-base"),
     # The test Internet's validating resolver and the tools that sign its zones (the DANE

@@ -115,6 +115,9 @@ class User(_Model):
     password_hash: str | None = None
     mailstore: Hostname | None = Field(
         default=None, description="the mailstore holding this mailbox; default: the first mailstore that is not a backup")
+    openpgp: Path | None = Field(
+        default=None, description="the user's OpenPGP certificate (armored, public; relative to the site file): "
+                                  "the mailstore stores every message to the user encrypted to it (PGP/MIME)")
 
     @field_validator("password_hash")
     @classmethod
@@ -593,6 +596,20 @@ def parse_site(data: object, source: Path | str, known_roles: list[str]) -> Site
             site.acme_tsig_key()
         except ConfigError as e:
             raise ConfigError(f"{source}: tls.acme.dns_update.key: {e.message}", hint=e.hint) from None
+    if any(u.openpgp is not None for u in site.users):
+        from . import openpgp
+
+        users = []
+        for i, u in enumerate(site.users):
+            if u.openpgp is not None:
+                cert = base / u.openpgp
+                u = u.model_copy(update={"openpgp": cert})
+                try:
+                    openpgp.read_certificate(cert, u.address)
+                except ConfigError as e:
+                    raise ConfigError(f"{source}: users[{i}].openpgp: {e.message}", hint=e.hint) from None
+            users.append(u)
+        site = site.model_copy(update={"users": users})
     if site.tls.certificate is not None and site.tls.key is not None:
         site = site.model_copy(update={"tls": site.tls.model_copy(update={
             "certificate": base / site.tls.certificate, "key": base / site.tls.key})})

@@ -15,12 +15,12 @@ from appliance.errors import ApplianceError
 from appliance.imagebuild import Builder
 from appliance.plan import Plan
 from appliance.profiles import ProfileSet
-from appliance.site import Alias, CatchAll, Tls, load_site
+from appliance.site import Alias, CatchAll, Tls, User, load_site
 from appliance.credentials import Secrets
 from appliance.vm import Cluster, Machine
 from tests.internet import PLAIN, Internet, address_on, site_zones
 from tests.receiver import REFUSED
-from tests.tools import site_certificate
+from tests.tools import openpgp_key, site_certificate, stop_gpg_agents
 
 _live: list[Machine] = []
 
@@ -72,6 +72,13 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line(f"{'all':10} {sum(r['cpu'] for r in runs):7.0f} CPU-s in {len(runs)} runs")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gpg_agents():
+    """GnuPG starts an agent for each home a test made a key in: stop them all."""
+    yield
+    stop_gpg_agents()
+
+
 @pytest.fixture(scope="session")
 def profiles() -> ProfileSet:
     return ProfileSet.load()
@@ -117,11 +124,24 @@ def site_tls(tmp_path_factory, site) -> tuple[Path, Path, Path]:
     return site_certificate(tmp_path_factory.mktemp("site-tls"), [f"mx.{site.domain}", f"*.{site.domain}"])
 
 
+# A user of the shared cluster with an OpenPGP certificate: mail to it is stored encrypted.
+OPENPGP_USER = "dave@example.test"
+
+
 @pytest.fixture(scope="session")
-def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tls):
+def openpgp_user(tmp_path_factory) -> tuple[str, Path]:
+    """(OPENPGP_USER, the GnuPG home that holds the user's secret key)."""
+    home = tmp_path_factory.mktemp("gnupg") / "user"
+    openpgp_key(home, OPENPGP_USER)
+    return OPENPGP_USER, home
+
+
+@pytest.fixture(scope="session")
+def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tls, openpgp_user):
     # The shared cluster serves a site certificate (the operator's case worth testing end
     # to end); the self-signed fallback is the same unit's other branch (tests/unit/test_tls.py).
     # It also has a catch-all (off in the example): example.com's other addresses go to carol.
+    # And OPENPGP_USER, who gave the site an OpenPGP certificate (tests/vm/test_openpgp.py).
     # Its nodes resolve names through the test Internet (tests/internet.py) on their switch,
     # where the filters deliver users' mail to other domains.
     internet_at = address_on(site.network.cluster)
@@ -130,6 +150,7 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
         "catch_all": [CatchAll(domain="example.com", to=["carol@example.test"])],
         # An alias whose only target the test Internet refuses: the filters bounce its mail.
         "aliases": [*site.aliases, Alias(address=f"away@{site.domain}", to=[f"{REFUSED}@{PLAIN}"])],
+        "users": [*site.users, User(address=OPENPGP_USER, openpgp=openpgp_user[1] / f"{OPENPGP_USER}.asc")],
         "network": site.network.model_copy(update={"resolvers": [internet_at.ip]})})
     workdir = tmp_path_factory.mktemp("mail-cluster")
     c = Cluster(changed, test_images, workdir, plans=plans_of_test_images(profiles, site), secrets=secrets)

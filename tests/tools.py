@@ -118,3 +118,88 @@ def samples(prom: Path) -> dict[str, float]:
     assert r.returncode == 0, r.stdout + r.stderr + text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+# GnuPG homes tests made keys in: their agents are stopped at the end of the session
+# (conftest), as each key generation starts one.
+GNUPG_HOMES: list[Path] = []
+
+
+def gpg(home: Path, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """GnuPG in `home`, without prompts (the tests' keys have no passphrase)."""
+    return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
+                           "--passphrase", "", *args], input=input, capture_output=True, check=check)
+
+
+def openpgp_key(home: Path, address: str, encrypt: bool = True, made: str | None = None) -> Path:
+    """A new OpenPGP key of `address` in the GnuPG home `home`: an ed25519 primary key that
+    certifies and signs, and (`encrypt`) a cv25519 subkey that encrypts, valid for a year
+    from `made` (GnuPG's ISO time; default now). Returns the armored certificate
+    (home/ADDRESS.asc), as a user hands it over."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    GNUPG_HOMES.append(home)
+    when = ["--faked-system-time", made] if made else []
+    expire = "1y"
+    gpg(home, *when, "--quick-gen-key", f"Test User <{address}>", "ed25519", "cert,sign", expire)
+    listing = gpg(home, "--with-colons", "--list-keys", address).stdout.decode()
+    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    if encrypt:
+        gpg(home, *when, "--quick-add-key", fingerprint, "cv25519", "encr", expire)
+    cert = home / f"{address}.asc"
+    cert.write_bytes(gpg(home, "--armor", "--export", address).stdout)
+    return cert
+
+
+def stop_gpg_agents() -> None:
+    for home in GNUPG_HOMES:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    GNUPG_HOMES.clear()
+
+
+def pgp_mime_signed(home: Path, sender: str, rcpt: str, token: str) -> bytes:
+    """A message signed by `sender` (whose key is in `home`), PGP/MIME (RFC 3156), CRLF."""
+    part = f"Content-Type: text/plain; charset=utf-8\r\n\r\nsigned body {token}\r\n".encode()
+    sig = gpg(home, "--armor", "--detach-sign", "--local-user", sender, "--digest-algo", "SHA256",
+              input=part).stdout
+    b = b"signed-" + token.encode()
+    return (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: signed {token}\r\nMessage-ID: <{token}@example.org>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/signed; micalg=pgp-sha256;\r\n"
+            f' protocol="application/pgp-signature"; boundary="{b.decode()}"\r\n\r\n').encode() \
+        + b"--" + b + b"\r\n" + part + b"\r\n--" + b + b"\r\nContent-Type: application/pgp-signature\r\n\r\n" \
+        + sig.replace(b"\n", b"\r\n") + b"\r\n--" + b + b"--\r\n"
+
+
+def pgp_mime_verify(home: Path, message: bytes) -> str:
+    """GnuPG's status lines for the signature of a PGP/MIME signed `message`, checked as a
+    client does: the signed part's bytes with CRLF line ends (RFC 3156, section 5)."""
+    import email
+    import tempfile
+
+    text = message.replace(b"\r\n", b"\n")
+    boundary = email.message_from_bytes(text).get_param("boundary").encode()
+    parts = text.split(b"\n--" + boundary)
+    signed = parts[1].split(b"\n", 1)[1]
+    signature = parts[2].split(b"\n\n", 1)[1]
+    with tempfile.NamedTemporaryFile(suffix=".asc") as sig:
+        sig.write(signature)
+        sig.flush()
+        r = gpg(home, "--status-fd", "2", "--verify", sig.name, "-", input=signed.replace(b"\n", b"\r\n"),
+                check=False)
+    return r.stderr.decode()
+
+
+def pgp_mime_decrypt(home: Path, message: bytes) -> bytes:
+    """The content of a PGP/MIME encrypted `message` (RFC 3156), decrypted with the secret
+    key in `home`; AssertionError if the message is not PGP/MIME encrypted."""
+    import email
+
+    msg = email.message_from_bytes(message)
+    assert msg.get_content_type() == "multipart/encrypted", msg.get_content_type()
+    assert msg.get_param("protocol") == "application/pgp-encrypted"
+    control, data = msg.get_payload()
+    assert control.get_content_type() == "application/pgp-encrypted"
+    assert control.get_payload().strip() == "Version: 1"
+    assert data.get_content_type() == "application/octet-stream"
+    r = gpg(home, "--decrypt", input=data.get_payload().encode(), check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout

@@ -1,6 +1,7 @@
 """Mail helpers shared by the VM tests: send over SMTP, read back over IMAP, wait for queues."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import email.utils
 import imaplib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from appliance import paths
 from appliance.vm import Machine
@@ -58,7 +60,9 @@ def imap_tokens(m: Machine, secrets, user: str) -> list[str]:
         raise
 
 
-def _imap_tokens(m: Machine, secrets, user: str) -> list[str]:
+@contextlib.contextmanager
+def inbox(m: Machine, secrets, user: str) -> Iterator[tuple[imaplib.IMAP4, list[bytes]]]:
+    """`user`'s INBOX over IMAP+STARTTLS from the host, read-only, and its message numbers."""
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (the chain is checked by test_inbound.py)
     with imaplib.IMAP4("127.0.0.1", m.forward(143), timeout=60) as imap:
@@ -66,12 +70,23 @@ def _imap_tokens(m: Machine, secrets, user: str) -> list[str]:
         imap.login(user, secrets.user_password(user))
         imap.select("INBOX", readonly=True)
         _, data = imap.search(None, "ALL")
+        yield imap, data[0].split()
+
+
+def _imap_tokens(m: Machine, secrets, user: str) -> list[str]:
+    with inbox(m, secrets, user) as (imap, numbers):
         tokens = []
-        for num in data[0].split():
+        for num in numbers:
             _, msg = imap.fetch(num, "(BODY.PEEK[TEXT])")
             text = msg[0][1].decode()
             tokens += re.findall(r"\btok[0-9a-f]{24}\b", text)
         return tokens
+
+
+def imap_messages(m: Machine, secrets, user: str) -> list[bytes]:
+    """Every message in `user`'s INBOX, whole (RFC822, as IMAP serves it: CRLF)."""
+    with inbox(m, secrets, user) as (imap, numbers):
+        return [imap.fetch(num, "(BODY.PEEK[])")[1][0][1] for num in numbers]
 
 
 def new_tokens(n: int) -> list[tuple[str, str]]:

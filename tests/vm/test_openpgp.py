@@ -1,0 +1,151 @@
+"""OpenPGP at rest (#20): mail to a user who gave the site a certificate is stored
+PGP/MIME-encrypted to it. What a user fetches over IMAP is decrypted on the host by GnuPG,
+an independent implementation, with the user's secret key, which never left the host."""
+from __future__ import annotations
+
+import email
+import smtplib
+
+import pytest
+
+from appliance.wait import Timeout, retry
+from tests.tools import gpg, openpgp_key, pgp_mime_decrypt, pgp_mime_signed, pgp_mime_verify
+from tests.vm.mail import (FILTERS, imap_messages, message, new_tokens, queued_for, wait_backends, wait_delivered,
+                           wait_mail_up)
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+
+SENDER = "sender@example.org"
+
+
+@pytest.fixture(scope="module")
+def cluster(mail_cluster):
+    c = mail_cluster
+    wait_mail_up(c["store1"])
+    for name in FILTERS:
+        c[name].wait_for_unit("postfix.service", timeout=600)
+    wait_backends(c, {name: "UP" for name in FILTERS})
+    return c
+
+
+@pytest.fixture(scope="module")
+def sender_key(tmp_path_factory):
+    """A correspondent's GnuPG home: its own key, for signing."""
+    home = tmp_path_factory.mktemp("gnupg") / "sender"
+    openpgp_key(home, SENDER)
+    return home
+
+
+def token() -> str:
+    return new_tokens(1)[0][1]
+
+
+def send_raw(c, rcpt: str, data: bytes) -> None:
+    """`data` as one message from SENDER to `rcpt`, through the frontend's port 25."""
+    with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname="client.example.org", timeout=180) as s:
+        assert s.sendmail(SENDER, [rcpt], data) == {}
+
+
+def stored(c, user: str, tok: str, timeout: float = 300) -> bytes:
+    """The message of `user`'s INBOX whose header carries `tok`, once it is there."""
+    def find(last: bool) -> list[bytes]:
+        found = [m for m in imap_messages(c["store1"], c.secrets, user) if tok.encode() in m.split(b"\r\n\r\n")[0]]
+        if last and not found:
+            raise AssertionError(f"{tok} never reached {user}'s mailbox; store1's queue:\n"
+                                 + c["store1"].execute("postqueue -p | tail -20")[1])
+        return found
+
+    found = retry(find, timeout=timeout, interval=5, until=bool)
+    assert len(found) == 1, f"{tok} is stored {len(found)} times"
+    return found[0]
+
+
+def body(msg: bytes) -> bytes:
+    return msg.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+
+
+def fields(msg: bytes) -> list[bytes]:
+    return msg.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].split(b"\n")
+
+
+def test_a_message_is_stored_as_pgp_mime_that_decrypts_to_what_was_sent(cluster, openpgp_user):
+    user, home = openpgp_user
+    tok = token()
+    sent = message(user, tok, sender=SENDER).encode()
+    send_raw(cluster, user, sent)
+    raw = stored(cluster, user, tok)
+    assert tok.encode() not in body(raw), "the body is stored in plaintext"
+    inside = pgp_mime_decrypt(home, raw)
+    # Inside: the message as sent, byte for byte (line ends as stored), below the trace
+    # fields the cluster added on its way (Received, the filter's verdict).
+    assert body(inside) == body(sent)
+    original = fields(sent)
+    assert [f for f in fields(inside) if f in original] == original, fields(inside)
+    # Outside: what a client lists and searches by; the content's own type only inside.
+    outer = email.message_from_bytes(raw)
+    assert outer["Subject"] == f"inbound {tok}" and outer["From"] == SENDER
+    assert outer.get_content_type() == "multipart/encrypted"
+
+
+def test_a_signed_message_still_verifies_after_decryption(cluster, openpgp_user, sender_key):
+    user, home = openpgp_user
+    tok = token()
+    send_raw(cluster, user, pgp_mime_signed(sender_key, SENDER, user, tok))
+    inside = pgp_mime_decrypt(home, stored(cluster, user, tok))
+    status = pgp_mime_verify(sender_key, inside)
+    assert "[GNUPG:] GOODSIG" in status, status
+
+
+def test_an_encrypted_message_is_stored_as_it_came(cluster, openpgp_user, sender_key):
+    user, home = openpgp_user
+    tok = token()
+    cert = home / f"{user}.asc"
+    armored = gpg(sender_key, "--armor", "--encrypt", "--trust-model", "always", "--recipient-file", str(cert),
+                  input=f"Content-Type: text/plain\r\n\r\nsecret {tok}\r\n".encode()).stdout
+    b = f"enc-{tok}"
+    sent = (f"From: {SENDER}\r\nTo: {user}\r\nSubject: encrypted {tok}\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{b}"\r\n\r\n'
+            f"--{b}\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+            f"--{b}\r\nContent-Type: application/octet-stream\r\n\r\n").encode() \
+        + armored.replace(b"\n", b"\r\n") + f"\r\n--{b}--\r\n".encode()
+    send_raw(cluster, user, sent)
+    raw = stored(cluster, user, tok)
+    assert body(raw) == body(sent)  # not wrapped a second time
+    assert f"secret {tok}".encode() in pgp_mime_decrypt(home, raw)
+
+
+def test_a_user_without_a_certificate_gets_plaintext(cluster):
+    user, tok = "alice@example.test", token()
+    sent = message(user, tok, sender=SENDER).encode()
+    send_raw(cluster, user, sent)
+    raw = stored(cluster, user, tok)
+    assert body(raw) == body(sent)
+    assert email.message_from_bytes(raw).get_content_type() == "text/plain"
+
+
+def test_with_the_step_broken_mail_waits_in_the_queue_then_arrives_encrypted(cluster, openpgp_user):
+    """The user's certificate unreadable to the step: the message stays queued (4xx, on the
+    encrypted mount) and nothing of it is stored; repaired, it arrives encrypted."""
+    user, home = openpgp_user
+    store = cluster["store1"]
+    cert = f"/run/mailcluster/openpgp/{user}.asc"
+    tok = token()
+    sent = message(user, tok, sender=SENDER).encode()
+    store.succeed(f"chmod 0000 {cert}")
+    try:
+        send_raw(cluster, user, sent)
+        try:
+            waiting = retry(lambda last: queued_for(store, user), timeout=300, interval=3,
+                            until=lambda q: any(reason for _, reason in q))
+        except Timeout as e:
+            raise AssertionError(f"never deferred on store1: {e.last}; filters' queues: "
+                                 + " ".join(cluster[n].execute("postqueue -p | tail -5")[1] for n in FILTERS)) from None
+        print("deferred:", waiting)
+        assert len(waiting) == 1
+        assert not [m for m in imap_messages(store, cluster.secrets, user) if tok.encode() in m]
+    finally:
+        store.succeed(f"chmod 0640 {cert}")
+    store.succeed("postqueue -f")
+    wait_delivered(store)
+    raw = stored(cluster, user, tok)
+    assert body(pgp_mime_decrypt(home, raw)) == body(sent)
