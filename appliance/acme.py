@@ -75,26 +75,36 @@ def thumbprint(account_key: str) -> str:
 
 def orders(site: Site, node: Node) -> bool:
     """Whether `node` orders a certificate from the site's ACME CA: the roles that
-    terminate mail's TLS do, and the frontends when they serve the MTA-STS policy, for its
-    names only (they pass mail's TLS through untouched)."""
+    terminate mail's TLS do, and the frontends when they serve HTTPS (the MTA-STS policy,
+    the Web Key Directory), for those names only (they pass mail's TLS through untouched)."""
     from .credentials import TLS_ROLES
 
     if site.tls.acme is None:
         return False
-    return node.role in TLS_ROLES or (node.role == "frontend" and site.tls.mta_sts is not None)
+    return node.role in TLS_ROLES or (node.role == "frontend" and serves_https(site))
+
+
+def serves_https(site: Site) -> bool:
+    """Whether the frontends answer HTTPS on 443: the MTA-STS policy, the Web Key Directory."""
+    return site.tls.mta_sts is not None or site.wkd is not None
 
 
 def names(site: Site, node: Node) -> list[str]:
     """The names `node`'s certificate covers: what senders and users reach it by. A filter:
     the MX hosts (./build.py dns). A mailstore: its own name (IMAP, submission), and the
     frontends' names when they relay submission to it. A frontend: each domain's
-    mta-sts. name, where it serves the MTA-STS policy."""
+    mta-sts. name, where it serves the MTA-STS policy, and openpgpkey. name (and with
+    wkd.direct the domain itself), where it serves the Web Key Directory."""
     from .dns import mx_hosts
 
     if node.role == "filter":
         return [h.rstrip(".") for h in mx_hosts(site)]
     if node.role == "frontend":
-        return [f"mta-sts.{d}" for d in site.mail_domains]
+        out = [f"mta-sts.{d}" for d in site.mail_domains] if site.tls.mta_sts is not None else []
+        if site.wkd is not None:
+            out += [f"openpgpkey.{d}" for d in site.mail_domains]
+            out += list(site.mail_domains) if site.wkd.direct else []
+        return out
     out = [f"{node.name}.{site.domain}"]
     if site.proxied_submission_ports():
         out += [f"{n.name}.{site.domain}" for n in site.nodes_with_role("frontend")]
@@ -106,8 +116,9 @@ def credentials(site: Site, node: Node, secrets: "Secrets") -> dict[str, bytes]:
     (HTTP-01 only); for a node that orders certificates, also the directory, contact and
     names (mailcluster.acme), the account key, the ACME server's CA when the site gives
     one, and the DNS server and TSIG key for DNS-01; for a frontend, the MTA-STS policy
-    it serves (mailcluster.mta-sts)."""
+    (mailcluster.mta-sts) and the Web Key Directory (mailcluster.wkd) it serves."""
     from .dns import mta_sts_policy
+    from .openpgp import wkd_credential
 
     acme = site.tls.acme
     if acme is None:
@@ -119,6 +130,8 @@ def credentials(site: Site, node: Node, secrets: "Secrets") -> dict[str, bytes]:
         creds["mailcluster.acme-thumbprint"] = f"{thumbprint(key)}\n".encode()
     if node.role == "frontend" and site.tls.mta_sts is not None:
         creds["mailcluster.mta-sts"] = mta_sts_policy(site).encode()
+    if node.role == "frontend" and site.wkd is not None:
+        creds["mailcluster.wkd"] = wkd_credential(site).encode()
     if orders(site, node):
         creds["mailcluster.acme"] = f"{acme.directory}\n{acme.contact}\n{' '.join(names(site, node))}\n".encode()
         creds["mailcluster.acme-account"] = key.encode()

@@ -42,6 +42,8 @@ Credentials a node receives (every image of a role is the same; these make it a 
   mailcluster.acme-dns            ... with tls.acme.dns_update: "ADDRESS PORT" of the site's DNS
   mailcluster.acme-dns-key        server, and the TSIG key its DNS-01 updates are signed with
   mailcluster.mta-sts             frontend, with tls.mta_sts: the MTA-STS policy it serves
+  mailcluster.wkd                 frontend, with wkd: the users' certificates (binary, base64)
+                                  it serves as the Web Key Directory (appliance/openpgp.py)
   mailcluster.tls-cert            filter, mailstore: the site's certificate chain (PEM), when
   mailcluster.tls-key             the site file gives one (tls:), and its key; without them
                                   the node makes a self-signed one (mailcluster-tls.service)

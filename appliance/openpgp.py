@@ -6,6 +6,8 @@ wrong file is refused before anything is built, never discovered as deferred mai
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import subprocess
 import tempfile
@@ -92,4 +94,41 @@ def certificates(site) -> str:
     for u in site.users:
         if u.openpgp is not None:
             lines += [f"user {u.address}\n", read_certificate(u.openpgp, u.address)]
+    return "".join(lines)
+
+
+# ---- Web Key Directory (draft-koch-openpgp-webkey-service) ----------------------------
+ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
+
+
+def wkd_hash(address: str) -> str:
+    """The WKD name of an address's key: the SHA-1 of its lower-cased local part, in
+    z-base-32 (32 characters)."""
+    digest = hashlib.sha1(address.split("@", 1)[0].lower().encode()).digest()  # noqa: S324 (the draft's choice)
+    bits = "".join(f"{b:08b}" for b in digest)
+    return "".join(ZBASE32[int(bits[i:i + 5], 2)] for i in range(0, len(bits), 5))
+
+
+def dearmor(cert: str) -> bytes:
+    """The binary certificate WKD serves, from its armored form (GnuPG's --dearmor)."""
+    with tempfile.TemporaryDirectory(prefix="mc-gpg-") as home:
+        r = subprocess.run(["gpg", "--homedir", home, "--batch", "--no-autostart", "--dearmor"],
+                           input=cert.encode(), capture_output=True, timeout=60)
+    if r.returncode != 0:
+        raise ConfigError(f"cannot dearmor an OpenPGP certificate: {r.stderr.decode(errors='replace').strip()}")
+    return r.stdout
+
+
+def wkd_credential(site) -> str:
+    """The mailcluster.wkd credential of the frontends: the domains whose directory they
+    serve, `direct` for the direct method too, and per user with a certificate
+    `key DOMAIN HASH BASE64` (the binary certificate; overlays/40-frontend: wkd)."""
+    lines = [f"# Web Key Directory of site {site.name} (appliance/openpgp.py)\n"]
+    lines += [f"domain {d}\n" for d in site.mail_domains]
+    if site.wkd is not None and site.wkd.direct:
+        lines.append("direct\n")
+    for u in site.users:
+        if u.openpgp is not None:
+            binary = dearmor(read_certificate(u.openpgp, u.address))
+            lines.append(f"key {u.address.split('@', 1)[1]} {wkd_hash(u.address)} {base64.b64encode(binary).decode()}\n")
     return "".join(lines)

@@ -311,6 +311,16 @@ class Dmarc(_Model):
     reports: MailAddress | None = Field(default=None, description="where receivers send aggregate reports (rua)")
 
 
+class Wkd(_Model):
+    """A Web Key Directory of the users' OpenPGP certificates (users[].openpgp), so that
+    correspondents' clients find each user's key by address. The frontends serve it at
+    https://openpgpkey.DOMAIN/.well-known/openpgpkey/DOMAIN/ (WKD's advanced method) with a
+    certificate of their own from the site's ACME CA; ./build.py dns prints the records."""
+    direct: bool = Field(default=False, description="also WKD's direct method, https://DOMAIN/.well-known/openpgpkey/: "
+                                                    "only where DOMAIN's own A record may point at the frontends "
+                                                    "(usually it is the web site's; ./build.py dns prints it)")
+
+
 class Time(_Model):
     servers: list[DomainName | ipaddress.IPv4Address] = Field(
         default=[], max_length=16, description="NTP servers for every node; default: Debian's pool")
@@ -341,6 +351,8 @@ class Site(_Model):
     retention: Retention = Retention()
     time: Time = Time()
     image: Image = Image()
+    wkd: Wkd | None = Field(default=None, description="publish users' OpenPGP certificates in a Web Key Directory "
+                                                       "(needs tls.acme and a frontend)")
 
     def acme_ca(self) -> str | None:
         """tls.acme.ca, read and checked now (PEM certificates only)."""
@@ -523,6 +535,13 @@ class Site(_Model):
         if self.tls.mta_sts is not None and not self.nodes_with_role("frontend"):
             problems.append(("tls.mta_sts", "the frontends serve the MTA-STS policy, and this site has none: "
                                             "add a frontend, or remove tls.mta_sts"))
+        if self.wkd is not None:
+            if self.tls.acme is None:
+                problems.append(("wkd", "the frontends serve the Web Key Directory over HTTPS with a certificate for "
+                                        "openpgpkey.DOMAIN from the site's ACME CA: add tls.acme, or remove wkd"))
+            if not self.nodes_with_role("frontend"):
+                problems.append(("wkd", "the frontends serve the Web Key Directory, and this site has none: "
+                                        "add a frontend, or remove wkd"))
         if self.postmaster is None and not self.users and self.aliases:
             problems.append(("postmaster", "nobody receives postmaster@ and abuse@: name a postmaster or add a user"))
         if problems:

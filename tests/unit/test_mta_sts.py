@@ -18,6 +18,7 @@ from tests.unit.test_dns import parse
 
 ROLES = ProfileSet.load().roles
 SCRIPT = paths.OVERLAYS / "40-frontend/usr/libexec/mailcluster/mta-sts"
+HTTPS_LIB = paths.OVERLAYS / "40-frontend/usr/lib/mailcluster/https.sh"
 ACME = {"directory": "https://acme.example.net/dir", "contact": "hostmaster@example.test"}
 
 
@@ -86,7 +87,8 @@ def test_the_frontend_orders_for_the_policy_names_and_never_gets_the_sites_key(t
 
 def serve(tmp_path, policy: bytes) -> subprocess.CompletedProcess:
     lib = script_lib(tmp_path / "lib", "frontend")
-    (lib / "haproxy-mta-sts.cfg").write_text("frontend mta_sts\n")
+    (lib / "https.sh").symlink_to(HTTPS_LIB)
+    (lib / "haproxy-https.cfg").write_text("frontend https\n")
     creds, run = tmp_path / "creds", tmp_path / "run"
     creds.mkdir()
     (run / "haproxy.d").mkdir(parents=True)
@@ -102,7 +104,12 @@ def test_the_frontend_serves_the_policy_it_was_given(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "serving the MTA-STS policy (mode: testing)\n"
     assert (tmp_path / "run/mta-sts.txt").read_bytes() == policy
-    assert (tmp_path / "run/haproxy.d/mta-sts.cfg").read_text() == "frontend mta_sts\n"
+    frontend = (tmp_path / "run/haproxy.d/https.cfg").read_text().splitlines()
+    assert frontend[0] == "frontend https" and frontend[-1].endswith('return status 404 content-type text/plain string "not found"')
+    (rule,) = [line for line in frontend if "mta-sts.txt" in line]
+    assert rule.split() == ["http-request", "return", "status", "200", "content-type", "text/plain", "file",
+                            "/run/mailcluster/mta-sts.txt", "if", "METH_GET", "{", "path", "/.well-known/mta-sts.txt",
+                            "}", "{", "var(txn.host)", "-m", "beg", "mta-sts.", "}"]
 
 
 @pytest.mark.parametrize("policy, problem", [
@@ -117,4 +124,4 @@ def test_a_policy_someone_altered_is_refused_and_nothing_is_served(tmp_path, pol
     assert r.returncode == 1 and problem in r.stderr, r.stderr
     assert "./build.py credentials NODE" in r.stderr
     assert not (tmp_path / "run/mta-sts.txt").exists()
-    assert not (tmp_path / "run/haproxy.d/mta-sts.cfg").exists()
+    assert not (tmp_path / "run/haproxy.d/https.cfg").exists()

@@ -11,6 +11,7 @@ import re
 import secrets as pysecrets
 import shlex
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Iterator
 from appliance import paths
 from appliance.vm import Machine
 from appliance.wait import Timeout, retry
+from tests.conftest import _live
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 
@@ -271,3 +273,45 @@ def build_status(c) -> tuple[dict, int]:
                           str(paths.ROOT / "build.py")).stdout
     body, _, code = out.rstrip().rpartition("\n")
     return json.loads(body), int(code.removeprefix("exit "))
+
+
+# ---- the operator changes the site ----------------------------------------------------
+def reboot_with_new_credentials(cluster, *names: str) -> list:
+    """The operator's rolling reboot after changing the site: each node powered off and
+    booted again with the credentials the site gives now; returns the new machines,
+    started (their boots overlap)."""
+    new = []
+    for name in names:
+        gone, rebooted = cluster.reboot_with_new_credentials(name)
+        _live.remove(gone)
+        gone.close()
+        _live.append(rebooted)
+        new.append(rebooted)
+    for m in new:
+        m.wait_started()
+    return new
+
+
+def wait_acme_certificate(cluster, m) -> None:
+    """Until `m` serves its certificate from the ACME CA: installed, and the renewal
+    unit done (it reloads the daemons last; until then they may serve the old one)."""
+    try:
+        m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source && "
+                              "systemctl show -P ActiveState mailcluster-acme@renew.service | grep -qx inactive",
+                              timeout=600)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
+                             f"{cluster.internet.logs()}") from None
+
+
+def https_get(port: int, host: str, path: str, ca) -> tuple[str, bytes, bytes]:
+    """GET https://`host``path` on 127.0.0.1:`port`, the chain verified by `ca` for
+    `host`: the status line, the body, and the certificate (DER)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: tls.recv(65536), b""))
+        der = tls.getpeercert(binary_form=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body, der

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from appliance.acme import serves_https
 from appliance.plan import Plan
 from appliance.qemu import wait_for_banner
 from tests.conftest import TEST_LAYERS
@@ -34,8 +35,10 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
     for unit in profiles.get(role).services.enable:
         if m.execute(f"systemctl is-enabled {unit}")[1].strip() == "masked":
             continue  # the test layer masks the backup timer: tests start each backup
-        needs = re.findall(r"^ConditionCredential=(\S+)$", m.succeed(f"systemctl cat {unit}"), re.M)
-        if any(m.execute(f"test -e /run/credentials/@system/{c}")[0] for c in needs):
+        needs = re.findall(r"^ConditionCredential=(\|?)(\S+)$", m.succeed(f"systemctl cat {unit}"), re.M)
+        present = {c: m.execute(f"test -e /run/credentials/@system/{c}")[0] == 0 for _, c in needs}
+        either = [present[c] for bar, c in needs if bar]  # '|': any one of them will do
+        if not all(present[c] for bar, c in needs if not bar) or (either and not any(either)):
             # ACME's and MTA-STS's units start only where the site uses them, which it
             # says with the credential they need (the booted node has settled).
             assert m.succeed(f"systemctl show -P ActiveState {unit}").strip() == "inactive", unit
@@ -43,7 +46,7 @@ def test_role_boots_clean_with_services_listening(cluster, profiles, site, role)
         m.wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
     acme = cluster.site.tls.acme is not None and cluster.site.tls.acme.dns_update is None  # HTTP-01
     for name, p in Plan.of(profiles, site, role, TEST_LAYERS).ports.items():
-        if (name == "acme-challenge" and not acme) or (name == "mta-sts" and cluster.site.tls.mta_sts is None):
+        if (name == "acme-challenge" and not acme) or (name == "https" and not serves_https(cluster.site)):
             continue  # nothing listens without them (test_hardening: refused, not dropped)
         m.wait_for_open_port(p.port)
         # This host is outside the site: only the ports open to the world greet it (the

@@ -24,11 +24,11 @@ from appliance.qemu import USER_NET_HOST
 from appliance.site import Acme, DnsUpdate, MtaSts, Tls
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
-from tests.conftest import _live
 from tests import internet
 from tests.tools import zone_txt
-from tests.vm.mail import (FILTERS, USERS, imap_tokens, message, new_tokens, queued, queued_for, send, send_in_sessions,
-                           wait_backends, wait_in_mailboxes, wait_mail_up)
+from tests.vm.mail import (FILTERS, USERS, https_get, imap_tokens, message, new_tokens, queued, queued_for,
+                           reboot_with_new_credentials, send, send_in_sessions, wait_acme_certificate, wait_backends,
+                           wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -511,46 +511,11 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     assert dkim_verifies(after, zone) and dkim_verifies(before, zone)
 
 
-def reboot_with_new_credentials(cluster, *names: str) -> list:
-    """The operator's rolling reboot after changing the site: each node powered off and
-    booted again with the credentials the site gives now; returns the new machines,
-    started (their boots overlap)."""
-    new = []
-    for name in names:
-        gone, rebooted = cluster.reboot_with_new_credentials(name)
-        _live.remove(gone)
-        gone.close()
-        _live.append(rebooted)
-        new.append(rebooted)
-    for m in new:
-        m.wait_started()
-    return new
-
-
-def wait_acme_certificate(cluster, m) -> None:
-    """Until `m` serves its certificate from the ACME CA: installed, and the renewal
-    unit done (it reloads the daemons last; until then they may serve the old one)."""
-    try:
-        m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source && "
-                              "systemctl show -P ActiveState mailcluster-acme@renew.service | grep -qx inactive",
-                              timeout=600)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
-                             f"{cluster.internet.logs()}") from None
-
-
 def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts.txt") -> tuple[str, str, bytes]:
     """What a sender fetching `domain`'s MTA-STS policy is answered on 127.0.0.1:`port`
     (status line, body, and the certificate, its chain verified by `ca` for the name)."""
-    host = f"mta-sts.{domain}"
-    ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as raw, \
-            ctx.wrap_socket(raw, server_hostname=host) as tls:
-        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        answer = b"".join(iter(lambda: tls.recv(65536), b""))
-        der = tls.getpeercert(binary_form=True)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0].decode(), body.decode(), der
+    status, body, der = https_get(port, f"mta-sts.{domain}", path, ca)
+    return status, body.decode(), der
 
 
 def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, tmp_path):

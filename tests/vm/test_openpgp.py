@@ -8,9 +8,13 @@ import smtplib
 
 import pytest
 
+from appliance.openpgp import wkd_hash
+from appliance.site import Acme, Tls, Wkd
 from appliance.wait import Timeout, retry
+from tests import internet, tools
 from tests.tools import gpg, openpgp_key, pgp_mime_decrypt, pgp_mime_signed, pgp_mime_verify
-from tests.vm.mail import (FILTERS, imap_messages, message, new_tokens, queued_for, wait_backends, wait_delivered,
+from tests.vm.mail import (FILTERS, https_get, imap_messages, message, new_tokens, queued_for,
+                           reboot_with_new_credentials, wait_acme_certificate, wait_backends, wait_delivered,
                            wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -149,3 +153,42 @@ def test_with_the_step_broken_mail_waits_in_the_queue_then_arrives_encrypted(clu
     wait_delivered(store)
     raw = stored(cluster, user, tok)
     assert body(pgp_mime_decrypt(home, raw)) == body(sent)
+
+
+def test_a_correspondents_client_finds_the_key_in_the_web_key_directory(cluster, openpgp_user, tmp_path):
+    """The site publishes its Web Key Directory (wkd, with the direct method; on the test
+    Internet's ACME CA, where the site is not on it yet) and fe1 is rebooted with the new
+    credentials. GnuPG, as a correspondent's client on the test Internet (its resolver,
+    its CA), finds the user's key by address; fe1 serves the site's certificate, byte for
+    byte, at both of WKD's URLs, and nothing for an address without one."""
+    user, home = openpgp_user
+    site = cluster.site
+    tls = site.tls if site.tls.acme is not None else Tls(acme=Acme(
+        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca))
+    cluster.site = site.model_copy(update={"tls": tls, "wkd": Wkd(direct=True)})
+    cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
+    (fe,) = reboot_with_new_credentials(cluster, "fe1")
+    wait_acme_certificate(cluster, fe)
+    fe.wait_for_unit("haproxy.service")
+    roots = tmp_path / "acme-roots.pem"
+    roots.write_text(cluster.internet.acme_roots())
+    expected = gpg(home, "--export", user).stdout  # the site's certificate, unarmored
+    domain, h = user.split("@")[1], wkd_hash(user)
+    for host, path in ((f"openpgpkey.{domain}", f"/.well-known/openpgpkey/{domain}/hu/{h}?l=dave"),
+                       (domain, f"/.well-known/openpgpkey/hu/{h}?l=dave")):
+        status, body, _ = https_get(fe.forward(443), host, path, roots)
+        assert (status, body) == ("HTTP/1.1 200 OK", expected), (host, status)
+        missing = https_get(fe.forward(443), host, path.replace(h, wkd_hash("alice@x")), roots)[0]
+        assert missing == "HTTP/1.1 404 Not Found"
+    # The client: a GnuPG home of its own on the test Internet, where names resolve through
+    # the test resolver and the ACME CA's root is the one trusted.
+    client = tmp_path / "client"
+    client.mkdir(mode=0o700)
+    tools.GNUPG_HOMES.append(client)
+    (client / "dirmngr.conf").write_text("standard-resolver\n")
+    (tmp_path / "resolv.conf").write_text(f"nameserver {cluster.internet.ip}\n")
+    script = ('mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/ssl/certs/ca-certificates.crt && '
+              'exec gpg --homedir "$3" --batch --auto-key-locate clear,wkd --locate-keys "$4"')
+    cluster.internet.exec("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                          str(tmp_path / "resolv.conf"), str(roots), str(client), user)
+    assert gpg(client, "--export", user).stdout == expected
