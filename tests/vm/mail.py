@@ -293,12 +293,18 @@ def reboot_with_new_credentials(cluster, *names: str) -> list:
 
 
 def wait_acme_certificate(cluster, m) -> None:
-    """Until `m` serves its certificate from the ACME CA: installed, and the renewal
-    unit done (it reloads the daemons last; until then they may serve the old one)."""
+    """Until `m` serves a certificate from the ACME CA for every name its credential asks
+    for: installed, covering them all, and the renewal unit done (it reloads the daemons
+    last; until then they may serve the old one). A node rebooted with more names keeps
+    its old certificate until the renewal 15 s after boot replaces it."""
+    covers = ("have=$(openssl x509 -in /var/lib/mailcluster/tls/cert.pem -noout -ext subjectAltName"
+              " | grep -o 'DNS:[^, ]*' | cut -c5-) && missing=0 && "
+              "for n in $(sed -n 3p /run/credentials/@system/mailcluster.acme); do "
+              'grep -qxF "$n" <<<"$have" || missing=1; done && test "$missing" = 0')
     try:
         m.wait_until_succeeds("grep -qx acme /var/lib/mailcluster/tls/source && "
-                              "systemctl show -P ActiveState mailcluster-acme@renew.service | grep -qx inactive",
-                              timeout=600)
+                              "systemctl show -P ActiveState mailcluster-acme@renew.service | grep -qx inactive && "
+                              + covers, timeout=600)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{m.journal('mailcluster-acme@renew.service')}\n"
                              f"{cluster.internet.logs()}") from None
