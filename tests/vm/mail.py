@@ -215,6 +215,16 @@ def wait_backends(c, wanted: dict[str, str], timeout: float = 120, backend: str 
         raise AssertionError(f"HAProxy reports {e.last} in {backend}, expected {wanted}") from None
 
 
+def wait_mail_flows(c, units: tuple[str, ...] = ("postfix.service",)) -> None:
+    """Until mail flows end to end: store1 takes it, each filter runs `units`, and HAProxy
+    has both filters UP."""
+    wait_mail_up(c["store1"])
+    for name in FILTERS:
+        for unit in units:
+            c[name].wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
+    wait_backends(c, {name: "UP" for name in FILTERS})
+
+
 def message(rcpt: str, token: str, extra: str = "", sender: str = "sender@example.org") -> str:
     return (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: inbound {token}\r\n"
             f"Date: {email.utils.formatdate()}\r\n"

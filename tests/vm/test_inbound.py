@@ -28,7 +28,7 @@ from tests import internet
 from tests.tools import zone_txt
 from tests.vm.mail import (FILTERS, USERS, https_get, imap_tokens, message, new_tokens, queued, queued_for,
                            reboot_with_new_credentials, send, send_in_sessions, wait_acme_certificate, wait_backends,
-                           wait_in_mailboxes, wait_mail_up)
+                           wait_in_mailboxes, wait_mail_flows, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -39,11 +39,7 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 @pytest.fixture(scope="module")
 def cluster(mail_cluster):
     c = mail_cluster
-    wait_mail_up(c["store1"])
-    for name in FILTERS:
-        for unit in ("postfix.service", "rspamd.service", "redis-server.service"):
-            c[name].wait_for_unit(unit, timeout=600)  # rspamd loads its rules for minutes under TCG
-    wait_backends(c, {name: "UP" for name in FILTERS})
+    wait_mail_flows(c, ("postfix.service", "rspamd.service", "redis-server.service"))
     return c
 
 

@@ -14,8 +14,7 @@ from appliance.wait import Timeout, retry
 from tests import internet, tools
 from tests.tools import gpg, openpgp_key, pgp_mime_decrypt, pgp_mime_signed, pgp_mime_verify
 from tests.vm.mail import (FILTERS, https_get, imap_messages, message, new_tokens, queued_for,
-                           reboot_with_new_credentials, wait_acme_certificate, wait_backends, wait_delivered,
-                           wait_mail_up)
+                           reboot_with_new_credentials, wait_acme_certificate, wait_delivered, wait_mail_flows)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -24,12 +23,8 @@ SENDER = "sender@example.org"
 
 @pytest.fixture(scope="module")
 def cluster(mail_cluster):
-    c = mail_cluster
-    wait_mail_up(c["store1"])
-    for name in FILTERS:
-        c[name].wait_for_unit("postfix.service", timeout=600)
-    wait_backends(c, {name: "UP" for name in FILTERS})
-    return c
+    wait_mail_flows(mail_cluster)
+    return mail_cluster
 
 
 @pytest.fixture(scope="module")
