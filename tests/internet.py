@@ -147,10 +147,7 @@ class Internet:
             "listenAddress": f"{self.ip}:14000", "managementListenAddress": f"{self.ip}:15000",
             "certificate": str(chain), "privateKey": str(key), "httpPort": 80, "tlsPort": 5001,
             "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
-        # Validations at once, no nonce refused for testing clients' retries, and every
-        # order challenged (none rides on another node's valid authorization).
-        self._spawn("acme", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "PEBBLE_AUTHZREUSE=0",
-                    "pebble", "-config", str(self.workdir / "pebble.json"), "-dnsserver", f"{self.ip}:53")
+        self.start_acme()
         www = self.workdir / "www"
         (www / ".well-known").mkdir(parents=True)
         (www / ".well-known/mta-sts.txt").write_text(STS_POLICY)
@@ -162,6 +159,18 @@ class Internet:
         except Timeout:
             raise RuntimeError("the test Internet did not come up:\n" + self.logs()) from None
         return self
+
+    def start_acme(self) -> None:
+        """The ACME CA. Validations at once, no nonce refused for testing clients'
+        retries, and every order challenged (none rides on another node's valid
+        authorization)."""
+        self.acme = self._spawn("acme", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0",
+                                "PEBBLE_AUTHZREUSE=0", "pebble", "-config", str(self.workdir / "pebble.json"),
+                                "-dnsserver", f"{self.ip}:53")
+
+    def stop_acme(self) -> None:
+        """The ACME CA goes away (an outage): start_acme brings a new one, with new roots."""
+        self.end(self.acme)
 
     def exec(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return run("ip", "netns", "exec", self.netns, *cmd, **kw)

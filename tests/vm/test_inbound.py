@@ -522,13 +522,20 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
     store1's port 80; they serve the CA's chain on 25, 587 and 993, and fe1 serves the
     policy on 443 for each domain. A renewal forced on each is served without
     restarting a daemon, and an IMAP session opened before it carries on after it.
-    (Last in this module: the cluster stays on ACME.)"""
+    The CA is down when the nodes first ask: each asks again by itself, without a
+    reboot, once it is back. (Last in this module: the cluster stays on ACME.)"""
     site = cluster.site
     cluster.site = site.model_copy(update={"tls": Tls(acme=Acme(
         directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca),
         mta_sts=MtaSts(mode="enforce"))})
     cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
+    cluster.internet.stop_acme()
     fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")
+    for m in (fe, filter1, store):
+        m.wait_until_succeeds("systemctl show -P SubState mailcluster-acme@renew.service | grep -qx auto-restart"
+                              " || test \"$(systemctl show -P NRestarts mailcluster-acme@renew.service)\" -ge 1",
+                              timeout=600)
+    cluster.internet.start_acme()
     wait_mail_up(store)
     filter1.wait_for_unit("postfix.service", timeout=600)
     for m in (fe, filter1, store):
