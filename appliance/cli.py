@@ -386,7 +386,8 @@ def run(obj: Context, role: str | None, cluster: bool, node: str | None, fresh: 
 @click.option("--to-file", is_flag=True, help="Allow --device to be a regular file (written as an image file).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--with-mailstore-key", is_flag=True,
-              help="Also put a mailstore's eCryptfs key on the ESP (evaluation only: anyone with the disk can read it).")
+              help="Also put the node's eCryptfs key (a mailstore's mail store, a filter's queue) on the ESP "
+                   "(evaluation only: anyone with the disk can read it).")
 @click.option("--trust", "trust", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="For a registry reference: the OpenPGP public key(s) releases must be signed with.")
 @click.pass_obj
@@ -424,7 +425,7 @@ def flash(obj: Context, image: str, device: Path, node_name: str, to_file: bool,
 
 def _flash_onto(obj: Context, path: Path, expected: str, target, node, yes: bool, with_mailstore_key: bool) -> None:
     from . import flash as fl
-    from .credentials import Secrets, node_credentials
+    from .credentials import STORE_KEYS, Secrets, node_credentials
 
     site, device = obj.site, target.path
     size = path.stat().st_size
@@ -440,13 +441,15 @@ def _flash_onto(obj: Context, path: Path, expected: str, target, node, yes: bool
                       "Everything on it is lost.", abort=True, err=True)
     fl.write_image(path, bmap, target, echo)
     creds = node_credentials(site, node, node.mac, Secrets.of(site))
-    # The ESP is readable by whoever holds the disk: the key to the encrypted mail store
-    # must not lie beside it (README: "Supplying the mailstore key on bare metal").
-    if creds.pop("mailcluster.mailstore-key", None) is not None and not with_mailstore_key:
-        echo("note: the mailstore key is not written to the disk; give it to the node as README "
-             "'Supplying the mailstore key on bare metal' says (mail services wait for it)")
-    elif with_mailstore_key:
-        creds["mailcluster.mailstore-key"] = Secrets.of(site).mailstore_key(node.name).encode()
+    # The ESP is readable by whoever holds the disk: the keys to the encrypted stores (a
+    # mailstore's mail, a filter's queue) must not lie beside it (README: "Supplying the
+    # mailstore key on bare metal").
+    withheld = [name for name in STORE_KEYS if name in creds]
+    if withheld and not with_mailstore_key:
+        for name in withheld:
+            del creds[name]
+        echo(f"note: {', '.join(withheld)} is not written to the disk; give it to the node as README "
+             "'Supplying the mailstore key on bare metal' says (its mail services wait for it)")
     fl.write_credentials(target.io_path, creds, echo)
     click.echo(f"{device}: {path.name} written and verified ({bmap.mapped_bytes / 1e6:.0f} MB of data), "
                f"boots as {node.name}")

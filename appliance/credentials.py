@@ -29,6 +29,7 @@ Credentials a node receives (every image of a role is the same; these make it a 
                                   stored encrypted to it (appliance/openpgp.py)
   mailcluster.backup              mailstore in a backup pair: lines schedule= (OnCalendar=,
                                   primary only), recent=, daily=, monthly= (retention)
+  mailcluster.spool-key           filter: the eCryptfs passphrase of its Postfix queue
   mailcluster.dkim-key.DOMAIN     filter: the private key that signs DOMAIN's outgoing mail
   mailcluster.dkim-selectors      filter: "DOMAIN SELECTOR" per line, the selector each
                                   domain signs with (its public key: ./build.py dns)
@@ -156,6 +157,10 @@ class Secrets:
         # 32 random bytes as text: eCryptfs derives the file-encryption key from it.
         return self.get_or_create("nodes", node, "ecryptfs.passphrase", make=lambda: pysecrets.token_hex(32))
 
+    def spool_key(self, node: str) -> str:
+        """A filter's key for its Postfix queue (eCryptfs), like a mailstore's for its store."""
+        return self.get_or_create("nodes", node, "spool.passphrase", make=lambda: pysecrets.token_hex(32))
+
 
 def ssh_key(comment: str) -> str:
     """A new ed25519 SSH private key (OpenSSH format)."""
@@ -231,6 +236,10 @@ def peers(site: Site) -> str:
     return "".join(lines)
 
 
+# The keys to the encrypted stores: a mailstore's mail and a filter's queue. Whoever holds
+# the disk reads its ESP, so `flash` leaves them off it (README: bare metal).
+STORE_KEYS = ("mailcluster.mailstore-key", "mailcluster.spool-key")
+
 # The roles that terminate mail's TLS, the filters' SMTP and the mailstores' submission
 # and IMAP: they get the site's certificate. A frontend passes mail's TLS through
 # untouched, so the site's key never reaches the node most exposed to the world (for
@@ -268,6 +277,8 @@ def node_credentials(site: Site, node: Node, mac: str | None, secrets: Secrets) 
             creds["mailcluster.tls-cert"] = cert.chain.encode()
             creds["mailcluster.tls-key"] = cert.key.encode()
     if node.role == "filter":
+        # Mail waits in a filter's queue while the mailstores are down: on eCryptfs.
+        creds["mailcluster.spool-key"] = secrets.spool_key(node.name).encode()
         # Outgoing mail leaves through the filters, which sign it (rspamd's dkim_signing).
         for domain in site.mail_domains:
             creds[f"mailcluster.dkim-key.{domain}"] = secrets.dkim_key(domain).encode()

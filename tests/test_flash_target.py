@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from appliance import flash
 from tests.tools import ROOT, digest, loop_device
@@ -94,3 +95,19 @@ def test_the_checked_device_is_the_one_written_and_its_esp_gets_the_credentials(
         assert r.returncode == 0, r.stderr
         assert digest(dev, 1 << 20) == digest(image, 1 << 20)  # the GPT and the start of the ESP
         assert "mailcluster.node" in flash.esp_credentials(dev)
+
+
+@pytest.mark.parametrize("node, key", [("store1", "mailcluster.mailstore-key"), ("filter1", "mailcluster.spool-key")])
+def test_the_key_to_a_nodes_encrypted_store_stays_off_its_esp_unless_asked_for(tmp_path, node, key):
+    """Whoever holds the disk reads its ESP: a mailstore's key to its mail and a filter's
+    key to its queue go there only with --with-mailstore-key (evaluation)."""
+    image = small_image(tmp_path)
+    with loop_device(tmp_path / "disk", 128 << 20) as dev:
+        for extra, written in (([], False), (["--with-mailstore-key"], True)):
+            r = subprocess.run([sys.executable, str(ROOT / "build.py"), "flash", str(image), "--device", str(dev),
+                                "--node", node, "--yes", *extra], capture_output=True, text=True, cwd=ROOT,
+                               timeout=300, env={**os.environ, "MAILCLUSTER_SECRETS": str(tmp_path / "secrets")})
+            assert r.returncode == 0, r.stderr
+            on_esp = flash.esp_credentials(dev)
+            assert "mailcluster.node" in on_esp and (key in on_esp) == written, (extra, on_esp)
+            assert (f"note: {key} is not written to the disk" in r.stdout + r.stderr) != written

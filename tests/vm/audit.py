@@ -29,7 +29,8 @@ DAEMONS = {
 # The product's own long-running or per-event units, reported (not held to a threshold).
 OWN_UNITS = {
     "frontend": ["mailcluster-announce.service", "mailcluster-members.service"],
-    "filter": ["mailcluster-announce.service", "mailcluster-members.service", "mailcluster-requeue.service"],
+    "filter": ["mailcluster-announce.service", "mailcluster-members.service", "mailcluster-requeue.service",
+               "mailcluster-spoolcrypt.service"],
     "mailstore": ["mailcluster-announce.service", "mailcluster-members.service", "mailcluster-backup.service",
                   "mailcluster-mailcrypt.service", "mailcluster-restore.service"],
 }

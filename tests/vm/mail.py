@@ -113,12 +113,16 @@ def deliver(c, n: int, store: str = "store1") -> list[tuple[str, str]]:
 
 
 def scan_disk(m: Machine, tmp_path: Path, tokens: list[str], control: bytes,
-              partition: str | None = None) -> tuple[set[str], int]:
+              partition: str | None = None, live: bool = False) -> tuple[set[str], int]:
     """Read the stopped node's disk (or one partition of it, by label) as raw bytes on
     the host. Returns which message tokens it holds in plaintext, and how often
-    `control` occurs: a string known to be there, proving the scan reads real data."""
+    `control` occurs: a string known to be there, proving the scan reads real data.
+    `live`: the node runs; what it has written so far (after a sync) is read as it is."""
     raw = tmp_path / f"{m.name}.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(m.spec.disk), str(raw)], check=True)
+    if live:
+        m.succeed("sync")
+    subprocess.run(["qemu-img", "convert", *(["-U"] if live else []), "-O", "raw", str(m.spec.disk), str(raw)],
+                   check=True)
     start, size = 0, raw.stat().st_size
     if partition:
         table = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], capture_output=True, text=True,

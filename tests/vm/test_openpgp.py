@@ -1,9 +1,12 @@
 """OpenPGP at rest (#20): mail to a user who gave the site a certificate is stored
 PGP/MIME-encrypted to it. What a user fetches over IMAP is decrypted on the host by GnuPG,
-an independent implementation, with the user's secret key, which never left the host."""
+an independent implementation, with the user's secret key, which never left the host.
+The frontends publish the certificates in a Web Key Directory, and mail that waits on a
+filter is on its disk only as ciphertext."""
 from __future__ import annotations
 
 import email
+import email.utils
 import smtplib
 
 import pytest
@@ -13,8 +16,9 @@ from appliance.site import Acme, Tls, Wkd
 from appliance.wait import Timeout, retry
 from tests import internet, tools
 from tests.tools import gpg, openpgp_key, pgp_mime_decrypt, pgp_mime_signed, pgp_mime_verify
-from tests.vm.mail import (FILTERS, https_get, imap_messages, message, new_tokens, queued_for,
-                           reboot_with_new_credentials, wait_acme_certificate, wait_delivered, wait_mail_flows)
+from tests.vm.mail import (FILTERS, https_get, imap_messages, mailbox_tokens, message, new_tokens, queued, queued_for,
+                           reboot_with_new_credentials, scan_disk, send, wait_acme_certificate, wait_backends,
+                           wait_delivered, wait_in_mailboxes, wait_mail_flows)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -187,3 +191,65 @@ def test_a_correspondents_client_finds_the_key_in_the_web_key_directory(cluster,
     cluster.internet.exec("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                           str(tmp_path / "resolv.conf"), str(roots), str(client), user)
     assert gpg(client, "--export", user).stdout == expected
+
+
+# ---- no plaintext spool: the filters' queue on eCryptfs ----------------------------------
+def spool_message(rcpt: str, tok: str) -> bytes:
+    """A message whose subject and body carry `tok`, and nothing that Postfix logs does
+    (the journal keeps envelope addresses and the Message-ID, which is random here)."""
+    return (f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: spooled {tok}\r\nDate: {email.utils.formatdate()}\r\n"
+            f"Message-ID: <{new_tokens(1)[0][1][3:]}@example.org>\r\n\r\nspooled body {tok}\r\n").encode()
+
+
+def test_mail_waiting_on_the_filters_is_on_their_disks_only_as_ciphertext(cluster, tmp_path):
+    """While store1 takes no mail, messages wait in the filters' queues; each filter's disk,
+    read raw on the host meanwhile, holds none of their subjects and bodies. Then every
+    message arrives once."""
+    store = cluster["store1"]
+    msgs = [("alice@example.test", t) for _, t in new_tokens(10)]
+    store.succeed("systemctl stop postfix.service")
+    try:
+        for rcpt, tok in msgs:
+            send_raw(cluster, rcpt, spool_message(rcpt, tok))
+        waiting = retry(lambda last: {n: queued(cluster[n]) for n in FILTERS}, timeout=120, interval=2,
+                        until=lambda q: sum(q.values()) == len(msgs))
+        print("waiting on the filters:", waiting)
+        for name in FILTERS:
+            found, control = scan_disk(cluster[name], tmp_path, [t for _, t in msgs], b"smtpd_banner", live=True)
+            assert control > 0, f"{name}: the scan read no file system"
+            assert found == set(), f"{name}: {len(found)} of the waiting messages are on its disk in plaintext"
+    finally:
+        store.succeed("systemctl start postfix.service")
+    for name in FILTERS:
+        cluster[name].succeed("postqueue -f")
+    wait_in_mailboxes(cluster, [t for _, t in msgs])
+    assert sorted(t for t in mailbox_tokens(cluster) if t in {t for _, t in msgs}) == sorted(t for _, t in msgs)
+
+
+def test_a_filter_without_its_queue_key_takes_no_mail_and_mail_flows_through_the_other(cluster):
+    f2 = cluster["filter2"]
+    fingerprint = "find /var/lib/mailcluster/spool -printf '%p %s %T@\\n' | sort | sha256sum"
+    f2.succeed("systemctl stop postfix.service")  # a quiet queue: only the boot below could change it
+    before = f2.succeed(fingerprint)
+    key = f2.spec.credentials.pop("mailcluster.spool-key")
+    try:
+        f2.shutdown()
+        f2.start()
+        f2.wait_until_succeeds('s=$(systemctl is-system-running || true); echo "$s"; test "$s" = degraded',
+                               timeout=600)
+        assert f2.succeed("systemctl show -P ActiveState postfix.service").strip() == "inactive"
+        said = f2.succeed("journalctl -b -u mailcluster-spoolcrypt --no-pager")
+        assert "no eCryptfs key: credential mailcluster.spool-key is missing" in said, said
+        assert f2.succeed("ss -Htln '( sport = :25 )'").strip() == ""
+        f2.fail("mountpoint -q /var/spool/postfix")
+        assert f2.succeed(fingerprint) == before
+        wait_backends(cluster, {"filter1": "UP", "filter2": "DOWN"})
+        msgs = new_tokens(6)
+        assert send(cluster, msgs) == [t for _, t in msgs]
+        wait_in_mailboxes(cluster, [t for _, t in msgs])
+    finally:
+        f2.spec.credentials["mailcluster.spool-key"] = key
+        f2.shutdown()
+        f2.start()
+        f2.wait_for_unit("postfix.service", timeout=600)
+        wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=300)

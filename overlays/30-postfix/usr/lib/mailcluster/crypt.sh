@@ -1,0 +1,30 @@
+# The eCryptfs stores of this appliance, one implementation for both: a mailstore's mail
+# store (mailcrypt) and a filter's Postfix queue (spoolcrypt).
+# shellcheck shell=bash
+
+# crypt_mount LOWER UPPER KEY STAMP: mounts the ciphertext in LOWER at UPPER with the
+# passphrase in the credential file KEY. STAMP records the key's signature on first use;
+# afterwards a different key is refused, and so is data in LOWER without a STAMP. On
+# refusal nothing touches LOWER; CRYPT_STOPPED says, for the message, what stays down.
+crypt_mount() {
+	local lower=$1 upper=$2 key=$3 stamp=$4 out fek fnek want
+	local -a sigs
+	[[ -s $key ]] || die "no eCryptfs key: credential ${key##*/} is missing; $CRYPT_STOPPED (supply it via SMBIOS type 11 or loader/credentials/${key##*/}.cred on the ESP)"
+	keyctl link @u @s
+	# The passphrase goes through stdin only, never argv (visible in ps).
+	out=$(ecryptfs-add-passphrase --fnek - <"$key")
+	mapfile -t sigs < <(grep -o '\[[0-9a-f]\{16\}\]' <<<"$out" | tr -d '[]')
+	[[ ${#sigs[@]} -eq 2 ]] || die "could not load the eCryptfs key into the kernel keyring: $out"
+	fek=${sigs[0]} fnek=${sigs[1]}
+	if [[ -e $stamp ]]; then
+		want=$(<"$stamp")
+		[[ $want == "$fek" ]] || die "wrong eCryptfs key: credential ${key##*/} has signature $fek but $lower was created with $want; $CRYPT_STOPPED"
+	else
+		[[ ! -d $lower || -z $(ls -A "$lower") ]] || die "$lower has data but no key signature record ($stamp); refusing to guess"
+		echo "$fek" >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
+		echo "new encrypted store $lower: recorded key signature $fek"
+	fi
+	install -d -m 0700 "$lower"
+	install -d -m 0755 "$upper"
+	mount -i -t ecryptfs "$lower" "$upper" -o "ecryptfs_sig=$fek,ecryptfs_fnek_sig=$fnek,ecryptfs_cipher=aes,ecryptfs_key_bytes=32,ecryptfs_unlink_sigs,nodev,nosuid,noexec"
+}
