@@ -1,6 +1,7 @@
 """Mail helpers shared by the VM tests: send over SMTP, read back over IMAP, wait for queues."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import email.utils
@@ -179,6 +180,42 @@ def wait_delivered(store: Machine, timeout: float = 300) -> None:
         raise
 
 
+# ---- eCryptfs stores without their key ------------------------------------------------
+def lower_fingerprint(m: Machine, lower: str) -> str:
+    """Every path, size and mtime under an eCryptfs store's ciphertext directory, hashed."""
+    return m.succeed(f"find {shlex.quote(lower)} -printf '%p %s %T@\\n' | sort | sha256sum")
+
+
+def wait_degraded(m: Machine) -> None:
+    """Booted, with a refusal visible to the operator as a failed unit. (is-system-running
+    exits 1 when degraded, so no pipe under the agent's pipefail.)"""
+    m.wait_until_succeeds('s=$(systemctl is-system-running || true); echo "$s"; test "$s" = degraded', timeout=600)
+
+
+def assert_locked(m: Machine, crypt_unit: str, reason: str, lower: str, before: str, upper: str,
+                  services: tuple[str, ...], ports: tuple[int, ...]) -> None:
+    """`m` refused its eCryptfs key: `crypt_unit`'s journal says `reason`, the `services`
+    that need the store are down, their `ports` closed, nothing is mounted at `upper`, and
+    the ciphertext in `lower` is as it was (`before`, from lower_fingerprint)."""
+    said = m.succeed(f"journalctl -b --no-pager -u {crypt_unit}")
+    assert reason in said, said
+    for unit in services:
+        assert m.succeed(f"systemctl show -P ActiveState {unit}").strip() in ("inactive", "failed"), unit
+    listening = " or ".join(f"sport = :{p}" for p in ports)
+    assert m.succeed(f"ss -Htln '( {listening} )'").strip() == ""
+    m.fail(f"mountpoint -q {upper}")
+    assert lower_fingerprint(m, lower) == before
+
+
+def supply_key(m: Machine, credential: str, key: str | bytes, *units: str) -> tuple[int, str]:
+    """What an operator does on a node that booted without its key (README): the key into
+    /run/credstore, memory only, where the crypt unit's ImportCredential= finds it, then
+    start the `units` that need the store. Returns systemctl's exit code and output."""
+    data = base64.b64encode(key if isinstance(key, bytes) else key.encode()).decode()
+    return m.execute(f"umask 077 && install -d /run/credstore && base64 -d > /run/credstore/{credential} <<'EOF' "
+                     f"&& systemctl start {' '.join(units)} 2>&1\n{data}\nEOF", timeout=600)
+
+
 # ---- through the frontend ------------------------------------------------------------
 FILTERS = ("filter1", "filter2")
 
@@ -252,6 +289,54 @@ def send(c, messages: list[tuple[str, str]], helo: str = "client.example.org",
                 print(f"{token} not taken: the server answered {replies}")  # (shown with a failure)
                 s.rset()
     return acked
+
+
+def send_all(c, messages: list[tuple[str, bytes]], sender: str = "sender@example.org") -> None:
+    """Each (recipient, message) from `sender`, in one SMTP session through the frontend's
+    port 25 (its rate limit counts connections)."""
+    with smtplib.SMTP("127.0.0.1", c["fe1"].forward(25), local_hostname="client.example.org", timeout=180) as s:
+        for rcpt, data in messages:
+            assert s.sendmail(sender, [rcpt], data) == {}
+
+
+def spool_message(rcpt: str, tok: str) -> bytes:
+    """A message whose subject and body carry `tok`, and nothing that Postfix logs does
+    (the journal keeps envelope addresses and the Message-ID, which is random here)."""
+    return (f"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: spooled {tok}\r\n"
+            f"Date: {email.utils.formatdate()}\r\n"
+            f"Message-ID: <{new_tokens(1)[0][1][3:]}@example.org>\r\n\r\nspooled body {tok}\r\n").encode()
+
+
+def spool_while_mailstores_down(c, stores: tuple[str, ...], n: int, tmp_path: Path) -> tuple[list, dict]:
+    """n messages through the frontend while the `stores` take no mail: they wait in the
+    filters' queues, where each filter's disk is read raw meanwhile. Then the stores come
+    back, every message arrives, and the frontend's, the filters' and the first store's
+    disks are read again. Returns the (recipient, token)s and, per scan, (node, when):
+    (tokens found in plaintext, occurrences of a string every file system holds)."""
+    msgs = [(USERS[i % len(USERS)], t) for i, (_, t) in enumerate(new_tokens(n))]
+    tokens = [t for _, t in msgs]
+    scans: dict[tuple[str, str], tuple[set[str], int]] = {}
+
+    def scan(names, when: str) -> None:
+        for name in names:
+            scans[name, when] = scan_disk(c[name], tmp_path, tokens, b"mailcluster", live=True)
+
+    for store in stores:
+        c[store].succeed("systemctl stop postfix.service")
+    try:
+        send_all(c, [(rcpt, spool_message(rcpt, tok)) for rcpt, tok in msgs])
+        waiting = retry(lambda last: {f: queued(c[f]) for f in FILTERS}, timeout=120, interval=2,
+                        until=lambda q: sum(q.values()) == n)
+        print("waiting on the filters:", waiting, flush=True)
+        scan(FILTERS, "waiting")
+    finally:
+        for store in stores:
+            c[store].succeed("systemctl start postfix.service")
+    for f in FILTERS:
+        c[f].succeed("postqueue -f")
+    wait_in_mailboxes(c, tokens, store=stores[0])
+    scan(("fe1", *FILTERS, stores[0]), "delivered")
+    return msgs, scans
 
 
 def send_in_sessions(c, messages, per_session: int) -> list[str]:

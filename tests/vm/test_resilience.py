@@ -1,7 +1,9 @@
 """Backups and fail-over: store1 pushes its eCryptfs ciphertext to store2 as dated,
 hard-linked snapshots; when store1 is lost, store2 takes over with store1's key and
-every acknowledged message is there. Runs last on the shared cluster: it ends with
-store1 rebuilt and restored from store2, and store2 shut down."""
+every acknowledged message is there. Half of the mail backed up first waits on the
+filters while both mailstores are down: no disk, the backup's included, holds it in
+plaintext (#20). Runs last on the shared cluster: it ends with store1 rebuilt and
+restored from store2, and store2 shut down."""
 from __future__ import annotations
 
 import time
@@ -11,8 +13,8 @@ import pytest
 from appliance.credentials import ssh_key
 from appliance.vm import subtest
 from tests.conftest import _live
-from tests.vm.mail import (USERS, build_status, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup,
-                           scan_disk, send, wait_in_mailboxes, wait_mail_up)
+from tests.vm.mail import (FILTERS, USERS, build_status, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup,
+                           scan_disk, send, spool_while_mailstores_down, wait_in_mailboxes, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -77,7 +79,7 @@ def test_a_wrong_pairing_secret_is_refused_and_nothing_is_sent(cluster, store2):
 
 
 def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, delivered_twice):
-    _, _, (one, two), _ = delivered_twice
+    _, _, (one, two), *_ = delivered_twice
     print(f"\nbackup of 100 messages: {one['bytes']} bytes in {one['files']} files; "
           f"after 50 more: {two['bytes']} bytes in {two['files']} files", flush=True)
     # eCryptfs stores each sdbox message as its own file (>= 12 KiB of ciphertext): the
@@ -109,7 +111,7 @@ def test_backups_send_what_changed_as_hard_linked_ciphertext(cluster, store2, de
 def test_status_shows_each_backup_as_it_completes(cluster, store2, delivered_twice):
     """./build.py status, from the admin network: store1's last backup to store2, younger
     after the second run and with one more snapshot kept, as many as store2 holds."""
-    _, _, (_, two), (before, after) = delivered_twice
+    _, _, (_, two), (before, after), _ = delivered_twice
     was, now = (s["nodes"]["store1"].get("backup") for s in (before, after))
     assert was and now and was["to"] == now["to"] == "store2", (before, after)
     assert now["age_seconds"] < was["age_seconds"], (was, now)
@@ -120,7 +122,11 @@ def test_status_shows_each_backup_as_it_completes(cluster, store2, delivered_twi
 
 
 @pytest.fixture(scope="module")
-def delivered_twice(cluster, store2):
+def delivered_twice(cluster, store2, tmp_path_factory):
+    """100 messages delivered, a backup, 50 more that waited on the filters while both
+    mailstores were down (#20's spool, read on every disk but the backup's meanwhile),
+    another backup: (first, second, (backup runs), (status before and after the second
+    run), the spool's disk scans)."""
     store2.start()  # (already up after the wrong-secret test)
     wait_mail_up(store2)
     store1 = cluster["store1"]
@@ -129,12 +135,26 @@ def delivered_twice(cluster, store2):
     store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
     first = deliver(cluster, 100)
     one = run_backup(cluster["store1"])
-    second = deliver(cluster, 50)
+    second, scans = spool_while_mailstores_down(cluster, ("store1", "store2"), 50, tmp_path_factory.mktemp("scans"))
     # ./build.py status before and after the second run (what an operator checks)
     before = build_status(cluster)[0]
     two = run_backup(cluster["store1"])
     two["done"] = time.time()
-    return first, second, (one, two), (before, build_status(cluster)[0])
+    return first, second, (one, two), (before, build_status(cluster)[0]), scans
+
+
+def test_mail_waiting_on_the_filters_is_on_no_disk_in_plaintext(cluster, delivered_twice):
+    """While both mailstores took no mail, 50 messages waited in the filters' queues:
+    neither filter's disk, read raw on the host meanwhile, held a subject or body of
+    them. Then every message arrived once, and no disk of the running cluster (frontend,
+    filters, store1) held them in plaintext either. (The backup's disk: the last test.)"""
+    _, second, *_, scans = delivered_twice
+    assert {node for node, _ in scans} == {"fe1", *FILTERS, "store1"}, scans.keys()
+    for (node, when), (found, control) in scans.items():
+        assert control > 0, f"{node} ({when}): the scan read no file system"
+        assert found == set(), f"{node} ({when}): {len(found)} of the messages are on its disk in plaintext"
+    tokens = {t for _, t in second}
+    assert sorted(t for t in mailbox_tokens(cluster) if t in tokens) == sorted(tokens)
 
 
 def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_twice, secrets):
@@ -192,9 +212,10 @@ def test_a_rebuilt_primary_is_restored_from_its_backup(cluster, store2, delivere
 
 
 def test_no_plaintext_anywhere_on_the_backups_disk(cluster, store2, delivered_twice, tmp_path):
-    """Read store2's whole disk as raw bytes on the host: backups, then a takeover that
-    served the same mail over IMAP, and still no message token in plaintext."""
-    first, second, (one, _), _ = delivered_twice
+    """Read store2's whole disk as raw bytes on the host: backups (the spooled 50
+    among them), then a takeover that served the same mail over IMAP, and still no
+    message token in plaintext."""
+    first, second, (one, _), *_ = delivered_twice
     store2.shutdown()  # last test on the shared cluster: QEMU flushes the disk on exit
     found, control = scan_disk(store2, tmp_path, [t for _, t in first + second], one["snapshot"].encode())
     assert control > 0, "the scan did not see the backup's own snapshot names (ext4 metadata)"

@@ -5,11 +5,12 @@
 # crypt_mount LOWER UPPER KEY STAMP: mounts the ciphertext in LOWER at UPPER with the
 # passphrase in the credential file KEY. STAMP records the key's signature on first use;
 # afterwards a different key is refused, and so is data in LOWER without a STAMP. On
-# refusal nothing touches LOWER; CRYPT_STOPPED says, for the message, what stays down.
+# refusal nothing touches LOWER; CRYPT_STOPPED says, for the message, what stays down,
+# and CRYPT_SERVICES which units to start once the key is there.
 crypt_mount() {
 	local lower=$1 upper=$2 key=$3 stamp=$4 out fek fnek want
 	local -a sigs
-	[[ -s $key ]] || die "no eCryptfs key: credential ${key##*/} is missing; $CRYPT_STOPPED (supply it via SMBIOS type 11 or loader/credentials/${key##*/}.cred on the ESP)"
+	[[ -s $key ]] || die "no eCryptfs key: credential ${key##*/} is missing; $CRYPT_STOPPED (supply it at boot via SMBIOS type 11 or loader/credentials/${key##*/}.cred on the ESP, or now in /run/credstore/${key##*/}, then: systemctl start $CRYPT_SERVICES)"
 	keyctl link @u @s
 	# The passphrase goes through stdin only, never argv (visible in ps).
 	out=$(ecryptfs-add-passphrase --fnek - <"$key")
