@@ -123,24 +123,26 @@ def test_status_shows_each_backup_as_it_completes(cluster, store2, delivered_twi
 
 @pytest.fixture(scope="module")
 def delivered_twice(cluster, store2, tmp_path_factory):
-    """100 messages delivered, a backup, 50 more that waited on the filters while both
-    mailstores were down (#20's spool, read on every disk but the backup's meanwhile),
-    another backup: (first, second, (backup runs), (status before and after the second
-    run), the spool's disk scans)."""
+    """100 messages, a backup, 50 more, another backup: (first, second, (backup runs),
+    (status before and after the second run), (the spooled, their disk scans)). Half of the first
+    100 waited on the filters while both mailstores were down (#20's spool, read on every
+    disk but the backup's meanwhile). (Before the first backup: with Postfix restarted on
+    store1 between the two, the second sent 25 files of unchanged content again.)"""
     store2.start()  # (already up after the wrong-secret test)
     wait_mail_up(store2)
     store1 = cluster["store1"]
     # The pairing unit itself, with the pair's secret.
     store1.succeed("systemctl reset-failed mailcluster-backup.service; systemctl start mailcluster-backup-pair.service")
     store1.wait_until_succeeds("test -e /var/lib/mailcluster/backup-key/id_ed25519.paired", timeout=300)
-    first = deliver(cluster, 100)
+    spooled, scans = spool_while_mailstores_down(cluster, ("store1", "store2"), 50, tmp_path_factory.mktemp("scans"))
+    first = spooled + deliver(cluster, 50)
     one = run_backup(cluster["store1"])
-    second, scans = spool_while_mailstores_down(cluster, ("store1", "store2"), 50, tmp_path_factory.mktemp("scans"))
+    second = deliver(cluster, 50)
     # ./build.py status before and after the second run (what an operator checks)
     before = build_status(cluster)[0]
     two = run_backup(cluster["store1"])
     two["done"] = time.time()
-    return first, second, (one, two), (before, build_status(cluster)[0]), scans
+    return first, second, (one, two), (before, build_status(cluster)[0]), (spooled, scans)
 
 
 def test_mail_waiting_on_the_filters_is_on_no_disk_in_plaintext(cluster, delivered_twice):
@@ -148,12 +150,12 @@ def test_mail_waiting_on_the_filters_is_on_no_disk_in_plaintext(cluster, deliver
     neither filter's disk, read raw on the host meanwhile, held a subject or body of
     them. Then every message arrived once, and no disk of the running cluster (frontend,
     filters, store1) held them in plaintext either. (The backup's disk: the last test.)"""
-    _, second, *_, scans = delivered_twice
+    *_, (spooled, scans) = delivered_twice
     assert {node for node, _ in scans} == {"fe1", *FILTERS, "store1"}, scans.keys()
     for (node, when), (found, control) in scans.items():
         assert control > 0, f"{node} ({when}): the scan read no file system"
         assert found == set(), f"{node} ({when}): {len(found)} of the messages are on its disk in plaintext"
-    tokens = {t for _, t in second}
+    tokens = {t for _, t in spooled}
     assert sorted(t for t in mailbox_tokens(cluster) if t in tokens) == sorted(tokens)
 
 
