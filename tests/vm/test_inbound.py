@@ -21,7 +21,7 @@ from dkim.util import parse_tag_value
 from appliance import dkim as dkim_rotation
 from appliance import dns
 from appliance.qemu import USER_NET_HOST
-from appliance.site import Acme, DnsUpdate, MtaSts, Tls
+from appliance.site import Acme, DnsUpdate, MtaSts, Tls, Wkd
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests import internet
@@ -516,7 +516,8 @@ def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts
 
 def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, tmp_path):
     """The site moves from its own certificate to an ACME CA (the test Internet's pebble),
-    publishes an MTA-STS policy, and its nodes are rebooted with the new credentials:
+    publishes an MTA-STS policy (and its Web Key Directory, which test_openpgp.py reads
+    from fe1 as this reboot left it), and its nodes are rebooted with the new credentials:
     filter1 and store1 get certificates for their names (the frontend's, store1's:
     ./build.py dns), fe1 one for the policy's names, validated over HTTP-01 on fe1's and
     store1's port 80; they serve the CA's chain on 25, 587 and 993, and fe1 serves the
@@ -527,7 +528,7 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
     site = cluster.site
     cluster.site = site.model_copy(update={"tls": Tls(acme=Acme(
         directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca),
-        mta_sts=MtaSts(mode="enforce"))})
+        mta_sts=MtaSts(mode="enforce")), "wkd": Wkd(direct=True)})
     cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
     cluster.internet.stop_acme()
     fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")

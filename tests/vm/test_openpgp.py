@@ -154,18 +154,21 @@ def test_with_the_step_broken_mail_waits_in_the_queue_then_arrives_encrypted(clu
 
 
 def test_a_correspondents_client_finds_the_key_in_the_web_key_directory(cluster, openpgp_user, tmp_path):
-    """The site publishes its Web Key Directory (wkd, with the direct method; on the test
-    Internet's ACME CA, where the site is not on it yet) and fe1 is rebooted with the new
-    credentials. GnuPG, as a correspondent's client on the test Internet (its resolver,
-    its CA), finds the user's key by address; fe1 serves the site's certificate, byte for
-    byte, at both of WKD's URLs, and nothing for an address without one."""
+    """The site publishes its Web Key Directory (wkd, with the direct method, on the test
+    Internet's ACME CA): fe1 booted with those credentials (in the ACME test's reboot, or
+    here when that test did not run). GnuPG, as a correspondent's client on the test
+    Internet (its resolver, its CA), finds the user's key by address; fe1 serves the
+    site's certificate, byte for byte, at both of WKD's URLs, and nothing for an address
+    without one."""
     user, home = openpgp_user
     site = cluster.site
-    tls = site.tls if site.tls.acme is not None else Tls(acme=Acme(
-        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca))
-    cluster.site = site.model_copy(update={"tls": tls, "wkd": Wkd(direct=True)})
-    cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
-    (fe,) = reboot_with_new_credentials(cluster, "fe1")
+    fe = cluster["fe1"]
+    if site.wkd is None or site.tls.acme is None:
+        tls = site.tls if site.tls.acme is not None else Tls(acme=Acme(
+            directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca))
+        cluster.site = site.model_copy(update={"tls": tls, "wkd": Wkd(direct=True)})
+        cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
+        (fe,) = reboot_with_new_credentials(cluster, "fe1")
     wait_acme_certificate(cluster, fe)
     fe.wait_for_unit("haproxy.service")
     roots = tmp_path / "acme-roots.pem"
