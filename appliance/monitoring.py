@@ -27,6 +27,7 @@ JOBS = {
 QUEUE_WINDOW = 20
 
 DEFERRED = 'mailcluster_postfix_queue_messages{queue="deferred"}'
+CORRUPT = 'mailcluster_postfix_queue_messages{queue="corrupt"}'
 
 # What needs attention, for the alert rules and ./build.py status alike.
 DISK_FULL = 0.85  # of a disk's file systems (DISK_FSTYPES) used
@@ -57,6 +58,10 @@ RULES = [
      f'time() - mailcluster_postfix_queue_oldest_arrival_timestamp_seconds{{queue="deferred"}} > {MAIL_DELAYED}', "0s",
      "warning",
      "{{ $labels.node }}: a deferred message has waited {{ $value | humanizeDuration }}"),
+    # Postfix's own corrupt queue, where the nodes also set aside the queue files a power
+    # cut left unreadable (crypt.sh): mail that will never leave, for someone to look at.
+    ("MailclusterQueueCorrupt", f"{CORRUPT} > 0", "0s", "warning",
+     "{{ $labels.node }}: {{ $value }} queue files could not be read and wait in Postfix's corrupt queue"),
     ("MailclusterMailstoreLocked", "mailcluster_mailstore_key_mounted == 0", "1m", "critical",
      "{{ $labels.node }}: the mail store is locked (no key, or the wrong one): its users get no mail"),
     ("MailclusterBackupStale",

@@ -76,6 +76,8 @@ def node_status(samples: Samples, now: float) -> tuple[dict[str, Any], list[str]
     queues = {labels["queue"]: int(v) for labels, v in _values(samples, "mailcluster_postfix_queue_messages")}
     if queues:
         info["queue"] = queues
+        if queues.get("corrupt"):
+            attention.append(f"{queues['corrupt']} queue files could not be read and wait in Postfix's corrupt queue")
         oldest = _one(samples, "mailcluster_postfix_queue_oldest_arrival_timestamp_seconds", queue="deferred")
         if oldest is not None:
             info["oldest_deferred_seconds"] = int(now - oldest)

@@ -123,7 +123,7 @@ def test_a_growing_queue_and_a_split_view_raise_alerts_and_one_deferred_message_
     ])
 
 
-def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_and_delayed_mail(tmp_path):
+def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_delayed_mail_and_a_corrupt_queue(tmp_path):
     node = {"job": "node", "instance": "10.77.0.31:9100", "node": "store1", "role": "mailstore"}
 
     def s(name: str, **labels) -> str:
@@ -138,6 +138,7 @@ def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_and_de
         # expires on day 15
         s("mailcluster_certificate_expiry_timestamp_seconds", source="acme"): f"{15 * day}x100",
         s("mailcluster_postfix_queue_oldest_arrival_timestamp_seconds", queue="deferred"): "0x100",
+        s("mailcluster_postfix_queue_messages", queue="corrupt"): "0 0 1x100",
     }, [
         # (sampled hourly: a sample stays current for five minutes)
         ("2h2m", "MailclusterMailstoreLocked", [
@@ -150,6 +151,10 @@ def test_alerts_for_a_locked_store_a_stale_backup_an_expiring_certificate_and_de
         ("0", "MailclusterCertificateExpiring", []),
         ("2d", "MailclusterCertificateExpiring", [
             ({"severity": "warning", **node, "source": "acme"}, "store1: its TLS certificate (acme) expires in 13d 0h 0m 0s")]),
+        ("1h", "MailclusterQueueCorrupt", []),
+        ("2h", "MailclusterQueueCorrupt", [
+            ({"severity": "warning", **node, "queue": "corrupt"},
+             "store1: 1 queue files could not be read and wait in Postfix's corrupt queue")]),
         ("0", "MailclusterMailDelayed", []),
         ("2h", "MailclusterMailDelayed", [
             ({"severity": "warning", **node, "queue": "deferred"}, "store1: a deferred message has waited 2h 0m 0s")]),

@@ -21,9 +21,9 @@ def node(avail=500, filters=2, extra="") -> str:
             'version_id="13"} 1\n' + DISK.format(avail=avail) + MEMBERS.format(filters=filters) + extra)
 
 
-def queue(deferred: int, oldest: float | None) -> str:
-    text = "".join(f'mailcluster_postfix_queue_messages{{queue="{q}"}} {deferred if q == "deferred" else 0}\n'
-                   for q in ("incoming", "active", "deferred", "hold"))
+def queue(deferred: int, oldest: float | None, corrupt: int = 0) -> str:
+    counts = {"incoming": 0, "active": 0, "deferred": deferred, "hold": 0, "corrupt": corrupt}
+    text = "".join(f'mailcluster_postfix_queue_messages{{queue="{q}"}} {n}\n' for q, n in counts.items())
     if oldest is not None:
         text += f'mailcluster_postfix_queue_oldest_arrival_timestamp_seconds{{queue="deferred"}} {oldest}\n'
     return text
@@ -88,6 +88,7 @@ def test_each_problem_is_named_with_its_node():
     answers[("fe1", "haproxy")] = haproxy("DOWN")
     answers[("filter1", "node")] = node(avail=100, filters=1, extra=queue(3, NOW - 2 * 3600))
     answers[("store1", "node")] = node(extra=queue(0, None) + store(key=0, backup_age=3 * 3600, cert_days=10))
+    answers[("filter2", "node")] = node(extra=queue(0, None, corrupt=2))
     result = collect(answers)
     f1 = result["nodes"]["filter1"]
     assert f1["queue"]["deferred"] == 3 and f1["oldest_deferred_seconds"] == 7200
@@ -100,6 +101,7 @@ def test_each_problem_is_named_with_its_node():
         "store1: the mail store is locked (no key, or the wrong one)",
         "store1: the last backup to store2 completed 3 h ago, over 2 times its schedule",
         "store1: its TLS certificate expires in 10 days",
+        "filter2: 2 queue files could not be read and wait in Postfix's corrupt queue",
     ]
     for line in expected:
         assert line in said, said

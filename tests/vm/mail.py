@@ -201,8 +201,9 @@ def wait_delivered(store: Machine, timeout: float = 300) -> None:
     except AssertionError as e:
         e.add_note("mail queue (with deferral reasons):\n" + store.execute("postqueue -p | tail -20")[1])
         # Dovecot says "Internal error" over LMTP and the reason only in its own log.
-        e.add_note("Dovecot's errors this boot:\n" + store.execute(
-            "journalctl -b --no-pager -o short-monotonic -u dovecot -p warning | tail -30")[1])
+        for unit in ("dovecot", "postfix"):
+            e.add_note(f"{unit}'s warnings this boot:\n" + store.execute(
+                f"journalctl -b --no-pager -o short-monotonic -u {unit} -p warning | tail -30")[1])
         raise
 
 

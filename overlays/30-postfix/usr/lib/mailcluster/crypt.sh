@@ -29,3 +29,20 @@ crypt_mount() {
 	install -d -m 0755 "$upper"
 	mount -i -t ecryptfs "$lower" "$upper" -o "ecryptfs_sig=$fek,ecryptfs_fnek_sig=$fnek,ecryptfs_cipher=aes,ecryptfs_key_bytes=32,ecryptfs_unlink_sigs,nodev,nosuid,noexec"
 }
+
+# crypt_set_aside_unreadable QUEUE: before Postfix starts, moves every file of its queue
+# directory QUEUE that cannot be opened into Postfix's corrupt queue, saying so. A power
+# cut can leave a file whose eCryptfs header never reached the disk; the kernel then
+# answers EIO for it forever, and qmgr stops at the first queue file it cannot open
+# (msg_fatal): one such file would hold up every message behind it. Its key was in that
+# header, so nothing of it can be read again; it stays for the operator to see.
+crypt_set_aside_unreadable() {
+	local queue=$1 f rel to
+	while IFS= read -r -d '' f; do
+		# (eCryptfs checks the header on open: the open alone tells)
+		{ : <"$f"; } 2>/dev/null && continue
+		rel=${f#"$queue"/} to=$queue/corrupt/${rel//\//_}
+		mv --backup=numbered -- "$f" "$to"
+		echo "queue file $rel cannot be read: its eCryptfs header is damaged (a power cut while it was written leaves it so); moved to $to so that Postfix delivers the rest. It holds nothing that can be read: delete it"
+	done < <(find "$queue" -path "$queue/corrupt" -prune -o -type f -print0)
+}
