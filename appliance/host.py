@@ -109,6 +109,8 @@ NEEDS = [
     Need("qemu-system-x86_64", "qemu-system-x86", backports=True, minimum=(10, 0)),
     Need("qemu-img", "qemu-utils", backports=True, minimum=(10, 0)),
     Need("vde_switch", "vde2"),
+    # A TPM 2.0 for the guests that need one (the takeover key sealed to it).
+    Need("swtpm", "swtpm"),
     Need("sfdisk", "fdisk"),
     Need("losetup", "mount"),
     Need("ip", "iproute2"),

@@ -78,6 +78,7 @@ class VMSpec:
     agent: bool = False              # add the virtio-serial test control port
     interactive: bool = False        # serial console on this terminal instead of a log file
     block_device: Path | None = None     # boot a real block device instead of an overlay
+    tpm: bool = False                # a TPM 2.0 (swtpm, its state kept beside the disk)
 
     @property
     def disk(self) -> Path:
@@ -102,6 +103,14 @@ class VMSpec:
     @property
     def credentials_file(self) -> Path:
         return self.state_dir / "credentials.smbios"
+
+    @property
+    def tpm_state(self) -> Path:
+        return self.state_dir / "tpm"
+
+    @property
+    def tpm_socket(self) -> Path:
+        return self.state_dir / "tpm.sock"
 
 
 def qemu_command(spec: VMSpec) -> list[str]:
@@ -147,8 +156,18 @@ def qemu_command(spec: VMSpec) -> list[str]:
             "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
+    if spec.tpm:
+        cmd += ["-chardev", f"socket,id=tpm,path={spec.tpm_socket}",
+                "-tpmdev", "emulator,id=tpm0,chardev=tpm", "-device", "tpm-crb,tpmdev=tpm0"]
     cmd += ["-smbios", f"file={spec.credentials_file}"]
     return cmd
+
+
+def swtpm_command(spec: VMSpec) -> list[str]:
+    """The software TPM for `spec`'s guest: its state persists across the guest's
+    reboots (sealed credentials must open again), and it exits with QEMU (--terminate)."""
+    return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={spec.tpm_state},mode=0600",
+            "--ctrl", f"type=unixio,path={spec.tpm_socket},mode=0600", "--terminate"]
 
 
 # QEMU numbers the type 11 structure it makes itself from this handle; ours replaces it.
@@ -192,8 +211,8 @@ def write_credentials(spec: VMSpec) -> None:
     tmp.replace(spec.credentials_file)
 
 
-def check_host() -> None:
-    missing = [p for p in ("qemu-system-x86_64", "qemu-img") if shutil.which(p) is None]
+def check_host(tpm: bool = False) -> None:
+    missing = [p for p in ("qemu-system-x86_64", "qemu-img", *(("swtpm",) if tpm else ())) if shutil.which(p) is None]
     missing += [str(p) for p in (OVMF_CODE, OVMF_VARS) if not p.exists()]
     if missing:
         raise ApplianceError(f"cannot boot images: missing {', '.join(missing)}", hint="run ./build.py setup")
@@ -201,7 +220,7 @@ def check_host() -> None:
 
 def prepare(spec: VMSpec, fresh: bool = True) -> None:
     """Create the VM's state: a copy of the UEFI variables and an overlay over the image."""
-    check_host()
+    check_host(spec.tpm)
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     if fresh or not spec.ovmf_vars.exists():
         shutil.copyfile(OVMF_VARS, spec.ovmf_vars)
@@ -209,7 +228,9 @@ def prepare(spec: VMSpec, fresh: bool = True) -> None:
         spec.disk.unlink(missing_ok=True)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(spec.image.resolve()),
                         str(spec.disk), spec.disk_size], check=True)
-    for sock in (spec.qmp_socket, spec.agent_socket):
+    if spec.tpm and fresh:
+        shutil.rmtree(spec.tpm_state, ignore_errors=True)
+    for sock in (spec.qmp_socket, spec.agent_socket, spec.tpm_socket):
         sock.unlink(missing_ok=True)
 
 
@@ -232,6 +253,7 @@ class QemuProcess:
     def __init__(self, spec: VMSpec, on_exit=None):
         self.spec = spec
         self.proc: subprocess.Popen | None = None
+        self.tpm: subprocess.Popen | None = None
         self.started_at = 0.0
         self.on_exit = on_exit
 
@@ -242,8 +264,35 @@ class QemuProcess:
         (self.spec.state_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         stdio = None if self.spec.interactive else subprocess.DEVNULL
         err = None if self.spec.interactive else open(self.spec.state_dir / "qemu.stderr", "w")
+        if self.spec.tpm:
+            self._start_tpm()
         self.proc = spawn_tied(cmd, stdin=stdio, stdout=stdio, stderr=err)
         self.started_at = time.monotonic()
+
+    def _start_tpm(self) -> None:
+        """swtpm, listening before QEMU connects to it (a bounded wait for its socket)."""
+        self.spec.tpm_socket.unlink(missing_ok=True)
+        self.spec.tpm_state.mkdir(mode=0o700, exist_ok=True)
+        log = open(self.spec.state_dir / "swtpm.stderr", "w")
+        self.tpm = spawn_tied(swtpm_command(self.spec), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        tpm = self.tpm
+        with contextlib.suppress(Timeout):
+            retry(lambda last: tpm.poll() is not None or self.spec.tpm_socket.exists(), 10, interval=0.05)
+        if tpm.poll() is not None or not self.spec.tpm_socket.exists():
+            self._stop_tpm()
+            raise ApplianceError(f"{self.spec.name}: swtpm did not start: "
+                                 f"{(self.spec.state_dir / 'swtpm.stderr').read_text().strip() or 'no socket'}",
+                                 hint="run ./build.py setup (it installs swtpm)")
+
+    def _stop_tpm(self) -> None:
+        """swtpm exits once QEMU closes its socket; one that does not is killed (by its PID)."""
+        if self.tpm is not None:
+            try:
+                self.tpm.wait(5)
+            except subprocess.TimeoutExpired:
+                self.tpm.kill()
+                self.tpm.wait(10)
+            self.tpm = None
 
     @property
     def running(self) -> bool:
@@ -258,10 +307,12 @@ class QemuProcess:
             pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
         except ChildProcessError:  # (reaped elsewhere: its cost is unknown)
             self.proc.returncode = -1
+            self._stop_tpm()
             return True
         if not pid:
             return False
         self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self._stop_tpm()
         if self.on_exit:
             self.on_exit(time.monotonic() - self.started_at, usage.ru_utime + usage.ru_stime)
         return True

@@ -366,10 +366,11 @@ class Cluster:
         return self.machines[name]
 
     def machine(self, node: Node, credentials: dict[str, bytes] | None = None, site: Site | None = None,
-                disk_from: Machine | None = None) -> Machine:
+                disk_from: Machine | None = None, tpm: bool = False) -> Machine:
         """`site`: the site file as the operator changed it for this node (a node added
         to a running cluster); the running nodes keep what they booted with. `disk_from`:
-        the node's machine before, powered off (its disk boots again)."""
+        the node's machine before, powered off (its disk boots again). `tpm`: the node
+        has a TPM 2.0 (swtpm)."""
         if self.switch.proc is None:
             self.switch.start()
         mac = self.mac(node)
@@ -378,7 +379,7 @@ class Cluster:
         spec = qemu.VMSpec(
             name=node.name, image=self.images[node.role], state_dir=self.workdir / node.name,
             memory_mb=self.memory_mb, smp=qemu.CLUSTER_SMP, forwards={p: qemu.free_port() for p in self.plans[node.role].forwarded_ports},
-            credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent,
+            credentials=creds, cluster_switch=self.switch.directory, cluster_mac=mac, agent=self.agent, tpm=tpm,
         )
         m = Machine(spec, disk_from=disk_from)
         self.machines[node.name] = m

@@ -168,3 +168,27 @@ def test_a_guest_does_not_outlive_the_process_that_started_it():
     except TimeoutError:
         os.kill(guest, 9)
         raise AssertionError("the guest stand-in kept running after its owner was killed") from None
+
+
+def test_a_guest_with_a_tpm_gets_a_swtpm_of_its_own_on_a_private_socket(tmp_path):
+    """The TPM is a real swtpm that QEMU reaches through a socket only its user can open
+    (another local user could otherwise unseal what the guest sealed), and it is stopped
+    with the guest."""
+    import stat
+
+    spec = qemu.VMSpec(name="a", image=Path("/img.raw"), state_dir=tmp_path, tpm=True)
+    cmd = qemu.qemu_command(spec)
+    assert cmd[cmd.index("-tpmdev") + 1] == "emulator,id=tpm0,chardev=tpm"
+    assert f"socket,id=tpm,path={spec.tpm_socket}" in cmd and "tpm-crb,tpmdev=tpm0" in cmd
+    plain = qemu.qemu_command(qemu.VMSpec(name="b", image=Path("/img.raw"), state_dir=tmp_path))
+    assert "-tpmdev" not in plain and not [a for a in plain if "tpm.sock" in a]
+    p = qemu.QemuProcess(spec)
+    p._start_tpm()
+    tpm = p.tpm
+    try:
+        assert tpm is not None and tpm.poll() is None
+        assert stat.S_IMODE(spec.tpm_socket.stat().st_mode) == 0o600
+        assert stat.S_IMODE(spec.tpm_state.stat().st_mode) == 0o700
+    finally:
+        p._stop_tpm()
+    assert tpm.poll() is not None and p.tpm is None

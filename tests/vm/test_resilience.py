@@ -6,6 +6,7 @@ plaintext (#20). Runs last on the shared cluster: it ends with store1 rebuilt an
 restored from store2, and store2 shut down."""
 from __future__ import annotations
 
+import base64
 import time
 
 import pytest
@@ -19,6 +20,9 @@ from tests.vm.mail import (FILTERS, USERS, build_status, deliver, imap_tokens, m
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 SNAPSHOTS = "/srv/mail/backups/store1"
+# systemd's id (the first 16 bytes of an encrypted credential) for a credential sealed
+# with both the host key and the TPM (src/shared/creds-util.h).
+SEALED_HOST_AND_TPM2 = bytes.fromhex("93a894094874449090caf2fc93cab553")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,8 @@ def cluster(mail_cluster):
 
 @pytest.fixture(scope="module")
 def store2(cluster):
-    m = cluster.machine(cluster.site.node("store2"))
+    # With a TPM, as a server would have: the takeover key is sealed to it.
+    m = cluster.machine(cluster.site.node("store2"), tpm=True)
     _live.append(m)
     return m
 
@@ -165,6 +170,11 @@ def test_failover_to_the_backup_keeps_every_message(cluster, store2, delivered_t
     key = secrets.mailstore_key("store1")
     out = store2.succeed(f"mailcluster-takeover store1 - <<'EOF'\n{key}\nEOF", timeout=900)
     assert "store2 now serves store1's users" in out, out
+    with subtest("store1's key is kept sealed to store2's TPM, not only to a key on its disk"):
+        assert "store1's key is kept sealed with this node's TPM and its host key" in out, out
+        sealed = base64.b64decode(store2.succeed("cat /etc/credstore.encrypted/mailcluster.takeover-key"))
+        assert sealed[:16] == SEALED_HOST_AND_TPM2, sealed[:16].hex()
+        assert key.encode() not in sealed
     for user in USERS:
         expected = sorted(t for u, t in first + second if u == user)
         assert sorted(imap_tokens(store2, secrets, user)) == expected, user
