@@ -207,6 +207,32 @@ def wait_delivered(store: Machine, timeout: float = 300) -> None:
         raise
 
 
+# ---- eCryptfs queues after a power cut --------------------------------------------------
+def damage_a_queue_file(m: Machine, queue: str, lower: str) -> None:
+    """What a power cut can leave behind (it did once in CI): a queue file whose eCryptfs
+    header never reached the disk, so that every open of it fails with EIO. Made here for
+    certain, for `m`'s next boot: a file in the active queue (qmgr reads that directory
+    only when it starts), its header zeroed in the ciphertext under `lower` (which has the
+    same inode number)."""
+    f = f"{queue}/active/DEADBEEF"
+    m.succeed(f"printf 'queue file' > {f} && chown postfix {f} && chmod 0700 {f} && sync && "
+              f"c=$(find {lower} -xdev -inum $(stat -c %i {f})) && test -f \"$c\" && "
+              "dd if=/dev/zero of=\"$c\" bs=8192 count=1 conv=notrunc status=none && sync")
+
+
+def assert_damaged_file_set_aside(m: Machine, queue: str, unit: str) -> None:
+    """After damage_a_queue_file and a boot: that file, and only it, is in Postfix's
+    corrupt queue, still unreadable, and `unit` said so. Then deleted, as its operator
+    would: later tests see a clean queue."""
+    # (postfix check renames a queue file to match its inode number: the name is Postfix's)
+    said = m.succeed(f"journalctl -b --no-pager -o cat -u {unit}")
+    found = re.search(r"queue file active/([0-9A-F]+) cannot be read: .*; moved to (\S+) so that Postfix", said)
+    assert found and found[2] == f"{queue}/corrupt/active_{found[1]}", said
+    assert m.succeed(f"find {queue}/corrupt -type f") == found[2] + "\n"
+    assert m.execute(f"head -c1 {found[2]}")[0] != 0  # (nothing else was done to it)
+    m.succeed(f"rm {found[2]}")
+
+
 # ---- eCryptfs stores without their key ------------------------------------------------
 def lower_fingerprint(m: Machine, lower: str) -> str:
     """Every path, size and mtime under an eCryptfs store's ciphertext directory, hashed."""

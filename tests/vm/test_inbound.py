@@ -26,9 +26,9 @@ from appliance.vm import subtest
 from appliance.wait import Timeout, retry
 from tests import internet
 from tests.tools import zone_txt
-from tests.vm.mail import (FILTERS, USERS, https_get, imap_tokens, message, new_tokens, queued, queued_for,
-                           reboot_with_new_credentials, send, send_in_sessions, wait_acme_certificate, wait_backends,
-                           wait_in_mailboxes, wait_mail_flows, wait_mail_up)
+from tests.vm.mail import (FILTERS, USERS, assert_damaged_file_set_aside, damage_a_queue_file, https_get, imap_tokens,
+                           message, new_tokens, queued, queued_for, reboot_with_new_credentials, send, send_in_sessions,
+                           wait_acme_certificate, wait_backends, wait_in_mailboxes, wait_mail_flows, wait_mail_up)
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -191,6 +191,7 @@ def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
     victim = cluster["filter1"]
     victim.succeed("echo survived > /var/lib/harness-token && sync")
     boot_id = victim.succeed("cat /proc/sys/kernel/random/boot_id")
+    damage_a_queue_file(victim, "/var/spool/postfix", "/var/lib/mailcluster/spool/crypt")
     victim.crash()
     assert not victim.process.running
     try:
@@ -207,6 +208,8 @@ def test_a_crashed_filter_costs_nothing_and_comes_back(cluster):
     victim.wait_for_boot()  # raises with the failed units' journals if anything failed
     assert victim.succeed("cat /var/lib/harness-token").strip() == "survived"
     assert victim.succeed("cat /proc/sys/kernel/random/boot_id") != boot_id
+    with subtest("the queue file the crash left unreadable, and only it, was set aside, and said so"):
+        assert_damaged_file_set_aside(victim, "/var/spool/postfix", "mailcluster-spoolcrypt")
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
     later = new_tokens(6)
     send_in_sessions(cluster, later, per_session=1)  # round robin spreads the sessions

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import re
 import ssl
 
 import pytest
 
 from appliance.vm import subtest
 from appliance.wait import Timeout, retry
-from tests.vm.mail import (FILTERS, USERS, assert_locked, deliver, imap_tokens, lower_fingerprint, new_tokens, queued,
-                           scan_disk, send_in_sessions, smtp_send, supply_key, wait_backends, wait_degraded,
-                           wait_delivered, wait_in_mailboxes, wait_mail_up)
+from tests.vm.mail import (FILTERS, USERS, assert_damaged_file_set_aside, assert_locked, damage_a_queue_file, deliver,
+                           imap_tokens, lower_fingerprint, new_tokens, queued, scan_disk, send_in_sessions, smtp_send,
+                           supply_key, wait_backends, wait_degraded, wait_delivered, wait_in_mailboxes, wait_mail_up)
 
 # One xdist group: guests of different modules never compete for the 2 cores.
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
@@ -139,14 +138,7 @@ def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     burst = new_tokens(30)
     acked = smtp_send(flt, str(site.node("store1").address), burst)
     assert acked, "the mailstore acknowledged nothing"
-    # What a power cut can leave behind (it did once in CI): a queue file whose eCryptfs
-    # header never reached the disk, so that every open of it fails with EIO. Made here
-    # for certain: a file in the active queue (qmgr only reads that directory when it
-    # starts), its header zeroed in the ciphertext (which has the same inode number).
-    damaged = "/var/vmail/postfix/active/DEADBEEF"
-    store.succeed(f"printf 'queue file' > {damaged} && chown postfix {damaged} && chmod 0700 {damaged} && sync && "
-                  f"lower=$(find {LOWER} -xdev -inum $(stat -c %i {damaged})) && test -f \"$lower\" && "
-                  "dd if=/dev/zero of=\"$lower\" bs=8192 count=1 conv=notrunc status=none && sync")
+    damage_a_queue_file(store, "/var/vmail/postfix", LOWER)
     store.crash()
     store.start()
     wait_mail_up(store)
@@ -159,14 +151,8 @@ def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     # copy was fetched in full above).
     repeated = {t for t in everything if everything.count(t) > 1}
     assert repeated <= set(acked), "mail from before the crash was duplicated"
-    with subtest("the unreadable queue file, and only it, was set aside, and said so"):
-        # (postfix check renames a queue file to match its inode number: the name is Postfix's)
-        said = store.succeed("journalctl -b --no-pager -o cat -u mailcluster-mailcrypt")
-        m = re.search(r"queue file active/([0-9A-F]+) cannot be read: .*; moved to (\S+) so that Postfix", said)
-        assert m and m[2] == f"/var/vmail/postfix/corrupt/active_{m[1]}", said
-        assert store.succeed("find /var/vmail/postfix/corrupt -type f") == m[2] + "\n"
-        assert store.execute(f"head -c1 {m[2]}")[0] != 0  # (still unreadable: nothing else was done to it)
-        store.succeed(f"rm {m[2]}")  # as its operator would: the shared cluster's later tests see a clean queue
+    with subtest("the queue file the crash left unreadable, and only it, was set aside, and said so"):
+        assert_damaged_file_set_aside(store, "/var/vmail/postfix", "mailcluster-mailcrypt")
 
 
 @contextlib.contextmanager
