@@ -478,18 +478,32 @@ def test_the_sites_certificate_is_served_on_25_587_and_993(cluster, site_tls):
         assert cluster[name].succeed("cat /var/lib/mailcluster/tls/source").strip() == "site", name
 
 
-def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluster):
-    """./build.py dkim rotate's publish and switch, then filter1 rebooted with its new
-    credentials (the operator's rolling reboot; filter2 still signs with the old key):
-    mail signed before and after verifies against the records ./build.py dns printed
-    at the time. (The mailstore relays through filter1 first: relayhost's order.)"""
+def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts.txt") -> tuple[str, str, bytes]:
+    """What a sender fetching `domain`'s MTA-STS policy is answered on 127.0.0.1:`port`
+    (status line, body, and the certificate, its chain verified by `ca` for the name)."""
+    status, body, der = https_get(port, f"mta-sts.{domain}", path, ca)
+    return status, body.decode(), der
+
+
+# ---- one change of the site, rolled out ----------------------------------------------
+# The last tests of this module share one rolling reboot of every node (each reboot costs
+# minutes of CPU under emulation), as an operator rolls out several changes at once: a
+# DKIM rotation, and a move from the site's own certificate to an ACME CA, validated over
+# HTTP-01 by fe1, filter1 and store1 and over DNS-01 by filter2 (the site's dns_update,
+# given to filter2 alone: the step of a rolling change where the filters differ).
+@pytest.fixture(scope="module")
+def rolled_out(cluster, tmp_path_factory):
+    """The DKIM rotation's publish and switch, with a message signed by filter1 before it;
+    then the ACME site (an MTA-STS policy and the Web Key Directory too, which
+    test_openpgp.py reads from fe1 as this reboot left it) and every node rebooted with
+    its new credentials, the CA down when they first ask: each asks again by itself,
+    without a reboot, once it is back. The cluster stays on ACME (DNS-01's site)."""
     site, secrets = cluster.site, cluster.secrets
     _, token = new_tokens(1)[0]
     submit(cluster, token)
     name, before = left_through(cluster, token)
     assert name == "filter1" and dkim_verifies(before, dns.records(site, None, secrets))
     old = secrets.dkim_selector("example.test")
-
     now = datetime.datetime.now(datetime.timezone.utc)
     assert "made the next key" in dkim_rotation.rotate(secrets, "example.test", now)
     assert "the filters sign with" in dkim_rotation.rotate(secrets, "example.test", now)
@@ -497,11 +511,42 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     zone = dns.records(site, None, secrets)  # the grace period's records: both keys
     assert {f"{old}._domainkey.example.test.", f"{new}._domainkey.example.test."} <= set(zone_txt(zone))
 
-    (rebooted,) = reboot_with_new_credentials(cluster, "filter1")
-    for unit in ("postfix.service", "rspamd.service"):
-        rebooted.wait_for_unit(unit, timeout=600)
+    http_01 = site.model_copy(update={"tls": Tls(acme=Acme(
+        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca),
+        mta_sts=MtaSts(mode="enforce")), "wkd": Wkd(direct=True)})
+    key = cluster.internet.tsig_key_file(tmp_path_factory.mktemp("dns-update") / "dns-update.key")
+    dns_01 = http_01.model_copy(update={"tls": http_01.tls.model_copy(update={"acme": http_01.tls.acme.model_copy(
+        update={"dns_update": DnsUpdate(server=cluster.internet.ip, port=internet.DNS_UPDATE_PORT, key=key)})})})
+    cluster.internet.serve(internet.site_zones(http_01, secrets))
+    cluster.internet.stop_acme()
+    cluster.site = http_01
+    fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")
+    cluster.site = dns_01
+    (filter2,) = reboot_with_new_credentials(cluster, "filter2")
+    nodes = (fe, filter1, filter2, store)
+    for m in nodes:
+        m.wait_until_succeeds("systemctl show -P SubState mailcluster-acme@renew.service | grep -qx auto-restart"
+                              " || test \"$(systemctl show -P NRestarts mailcluster-acme@renew.service)\" -ge 1",
+                              timeout=600)
+    cluster.internet.start_acme()
+    wait_mail_up(store)
+    for m in (filter1, filter2):
+        for unit in ("postfix.service", "rspamd.service"):
+            m.wait_for_unit(unit, timeout=600)
+    for m in nodes:
+        wait_acme_certificate(cluster, m)
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
+    roots = tmp_path_factory.mktemp("acme") / "acme-roots.pem"
+    roots.write_text(cluster.internet.acme_roots())
+    return {"dkim": (before, zone, new), "roots": roots, "http_01": http_01}
 
+
+def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluster, rolled_out):
+    """./build.py dkim rotate's publish and switch, then filter1 rebooted with its new
+    credentials (the operator's rolling reboot): mail signed before and after verifies
+    against the records ./build.py dns printed at the time. (The mailstore relays
+    through filter1 first: relayhost's order.)"""
+    before, zone, new = rolled_out["dkim"]
     _, token = new_tokens(1)[0]
     submit(cluster, token)
     name, after = left_through(cluster, token)
@@ -510,62 +555,30 @@ def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluste
     assert dkim_verifies(after, zone) and dkim_verifies(before, zone)
 
 
-def mta_sts_policy(port: int, domain: str, ca, path: str = "/.well-known/mta-sts.txt") -> tuple[str, str, bytes]:
-    """What a sender fetching `domain`'s MTA-STS policy is answered on 127.0.0.1:`port`
-    (status line, body, and the certificate, its chain verified by `ca` for the name)."""
-    status, body, der = https_get(port, f"mta-sts.{domain}", path, ca)
-    return status, body.decode(), der
+def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, rolled_out):
+    """After the site moved to an ACME CA (the test Internet's pebble): the filters and
+    store1 have certificates for their names (the frontend's, store1's: ./build.py dns),
+    fe1 one for the MTA-STS policy's names, validated over HTTP-01 on fe1's and store1's
+    port 80; they serve the CA's chain on 25, 587 and 993, and fe1 serves the policy on
+    443 for each domain. A renewal forced on each is served without restarting a daemon,
+    and an IMAP session opened before it carries on after it."""
+    fe, filter1, filter2, store = (cluster[n] for n in ("fe1", "filter1", "filter2", "store1"))
+    roots, domain = rolled_out["roots"], cluster.site.domain
+    mail_domains = rolled_out["http_01"].mail_domains
 
-
-def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, tmp_path):
-    """The site moves from its own certificate to an ACME CA (the test Internet's pebble),
-    publishes an MTA-STS policy (and its Web Key Directory, which test_openpgp.py reads
-    from fe1 as this reboot left it), and its nodes are rebooted with the new credentials:
-    filter1 and store1 get certificates for their names (the frontend's, store1's:
-    ./build.py dns), fe1 one for the policy's names, validated over HTTP-01 on fe1's and
-    store1's port 80; they serve the CA's chain on 25, 587 and 993, and fe1 serves the
-    policy on 443 for each domain. A renewal forced on each is served without
-    restarting a daemon, and an IMAP session opened before it carries on after it.
-    The CA is down when the nodes first ask: each asks again by itself, without a
-    reboot, once it is back. (Last in this module: the cluster stays on ACME.)"""
-    site = cluster.site
-    cluster.site = site.model_copy(update={"tls": Tls(acme=Acme(
-        directory=internet.ACME_DIRECTORY, contact=f"postmaster@{site.domain}", ca=cluster.internet.ca),
-        mta_sts=MtaSts(mode="enforce")), "wkd": Wkd(direct=True)})
-    cluster.internet.serve(internet.site_zones(cluster.site, cluster.secrets))
-    cluster.internet.stop_acme()
-    fe, filter1, store = reboot_with_new_credentials(cluster, "fe1", "filter1", "store1")
-    for m in (fe, filter1, store):
-        m.wait_until_succeeds("systemctl show -P SubState mailcluster-acme@renew.service | grep -qx auto-restart"
-                              " || test \"$(systemctl show -P NRestarts mailcluster-acme@renew.service)\" -ge 1",
-                              timeout=600)
-    cluster.internet.start_acme()
-    wait_mail_up(store)
-    filter1.wait_for_unit("postfix.service", timeout=600)
-    for m in (fe, filter1, store):
-        wait_acme_certificate(cluster, m)
-    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
-    roots = tmp_path / "acme-roots.pem"
-    roots.write_text(cluster.internet.acme_roots())
-
-    def served() -> dict[str, str]:
+    def served() -> dict[str, frozenset[str] | str]:
         """Port -> SHA-256 of the certificate served there, its chain verified by the ACME
         CA's roots for the name a client uses. (25 goes to either filter through the
-        frontend: the one on ACME is filter1.)"""
-        domain = cluster.site.domain
-        smtp = set()
-        for _ in range(4):
-            try:
-                smtp.add(served_certificate(fe.forward(25), f"fe1.{domain}", roots, b"STARTTLS\r\n"))
-            except ssl.SSLCertVerificationError:
-                pass  # filter2, still on the site's certificate
-        assert len(smtp) == 1, f"{len(smtp)} ACME certificates on port 25"
-        policies = {d: mta_sts_policy(fe.forward(443), d, roots) for d in cluster.site.mail_domains}
+        frontend: both filters' certificates.)"""
+        smtp = frozenset(hashlib.sha256(served_certificate(fe.forward(25), f"fe1.{domain}", roots, b"STARTTLS\r\n"))
+                         .hexdigest() for _ in range(6))
+        assert len(smtp) == 2, f"{len(smtp)} certificates on port 25 (expected filter1's and filter2's)"
+        policies = {d: mta_sts_policy(fe.forward(443), d, roots) for d in mail_domains}
         assert {d: (status, body.splitlines()) for d, (status, body, _) in policies.items()} == dict.fromkeys(
-            cluster.site.mail_domains, ("HTTP/1.1 200 OK", ["version: STSv1", "mode: enforce",
-                                                           f"mx: fe1.{domain}", "max_age: 604800"]))
+            mail_domains, ("HTTP/1.1 200 OK", ["version: STSv1", "mode: enforce",
+                                               f"mx: fe1.{domain}", "max_age: 604800"]))
         assert len({der for _, _, der in policies.values()}) == 1
-        return {"25": hashlib.sha256(smtp.pop()).hexdigest(),
+        return {"25": smtp,
                 "443": hashlib.sha256(policies[domain][2]).hexdigest(),
                 **{port: hashlib.sha256(served_certificate(forward, name, roots, starttls)).hexdigest()
                    for port, forward, name, starttls in (
@@ -574,21 +587,22 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
 
     def daemons() -> dict[tuple[str, str], str]:
         return {(m.name, unit): m.succeed(f"systemctl show -P MainPID {unit}").strip()
-                for m, unit in ((fe, "haproxy.service"), (filter1, "postfix.service"), (store, "postfix.service"),
-                                (store, "dovecot.service"))}
+                for m, unit in ((fe, "haproxy.service"), (filter1, "postfix.service"), (filter2, "postfix.service"),
+                                (store, "postfix.service"), (store, "dovecot.service"))}
 
     before, running = served(), daemons()
     # Only the policy is served there.
-    assert mta_sts_policy(fe.forward(443), site.domain, roots, "/")[0] == "HTTP/1.1 404 Not Found"
+    assert mta_sts_policy(fe.forward(443), domain, roots, "/")[0] == "HTTP/1.1 404 Not Found"
     alice = USERS[0]
     session = imaplib.IMAP4_SSL("127.0.0.1", store.forward(993), ssl_context=ssl._create_unverified_context(),
                                 timeout=120)
     try:
         session.login(alice, cluster.secrets.user_password(alice))
-        with subtest("a renewal forced on fe1, filter1 and store1"):
-            for m in (fe, filter1, store):
+        with subtest("a renewal forced on every node"):
+            for m in (fe, filter1, filter2, store):
                 m.succeed("systemctl start mailcluster-acme@force.service")
         after = served()
+        assert after["25"].isdisjoint(before["25"]), (before, after)
         assert all(after[p] != before[p] for p in before), (before, after)
         assert session.noop()[0] == "OK"
     finally:
@@ -596,30 +610,16 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, t
     assert daemons() == running
 
 
-def test_dns_01_gets_a_certificate_through_the_sites_dns_server(cluster, tmp_path):
-    """The site answers its ACME CA with DNS-01 instead (tls.acme.dns_update: the test
-    Internet's Knot, which serves the site's zones and takes TSIG-signed updates), and
-    filter2, still on the site's own certificate, is rebooted with the new credentials:
-    it puts the challenge for the MX name into the zone, gets its certificate, takes the
-    challenge out again, and serves the CA's chain through fe1's port 25 like filter1.
-    (After the ACME test, on its site.)"""
-    site = cluster.site
-    assert site.tls.acme is not None, "runs on the ACME test's site"
-    key = cluster.internet.tsig_key_file(tmp_path / "dns-update.key")
-    cluster.site = site.model_copy(update={"tls": site.tls.model_copy(update={"acme": site.tls.acme.model_copy(
-        update={"dns_update": DnsUpdate(server=cluster.internet.ip, port=internet.DNS_UPDATE_PORT, key=key)})})})
-    (filter2,) = reboot_with_new_credentials(cluster, "filter2")
-    filter2.wait_for_unit("postfix.service", timeout=600)
-    wait_acme_certificate(cluster, filter2)
+def test_dns_01_gets_a_certificate_through_the_sites_dns_server(cluster, rolled_out):
+    """filter2, given tls.acme.dns_update (the test Internet's Knot, which serves the
+    site's zones and takes TSIG-signed updates), put the challenge for the MX name into
+    the zone, got its certificate, and took the challenge out again (it serves the CA's
+    chain through fe1's port 25 like filter1: the ACME test)."""
+    filter2, site = cluster["filter2"], cluster.site
     challenge = f"_acme-challenge.fe1.{site.domain}."
     said = filter2.journal("mailcluster-acme@renew.service")
     assert f"added {challenge} TXT at {cluster.internet.ip}:{internet.DNS_UPDATE_PORT}" in said, said
     assert f"deleted {challenge} TXT" in said, said
     assert cluster.internet.lookup(challenge, "TXT", internet.DNS_UPDATE_PORT) == []  # taken out again
-    wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
-    roots = tmp_path / "acme-roots.pem"
-    roots.write_text(cluster.internet.acme_roots())
-    # Each connection goes to either filter: every one is the CA's, and both filters answer.
-    served = {served_certificate(cluster["fe1"].forward(25), f"fe1.{site.domain}", roots, b"STARTTLS\r\n")
-              for _ in range(6)}
-    assert len(served) == 2, f"{len(served)} certificates on port 25 (expected filter1's and filter2's)"
+    for m in ("fe1", "filter1", "store1"):  # HTTP-01's nodes did not touch the zone
+        assert "TXT at" not in cluster[m].journal("mailcluster-acme@renew.service"), m
