@@ -64,17 +64,22 @@ def test_every_message_comes_back_exactly_once(cluster, secrets, delivered):
 def cleanly_rebooted(cluster, delivered, tmp_path_factory):
     """store1 powered off through ACPI with 200 messages in it; while it is off, 100
     messages go in through the frontend and its raw data partition is scanned on the
-    host; then it starts again. One clean reboot serves three tests (a mailstore's boot
-    under emulation costs about a minute)."""
+    host; then it boots again, without its key: test_without_the_key_... gives it the
+    key on the running node. One boot serves four tests (a mailstore's boot under
+    emulation costs minutes of CPU)."""
     store = cluster["store1"]
     for name in FILTERS:
         cluster[name].wait_for_unit("postfix.service", timeout=600)
     wait_backends(cluster, {name: "UP" for name in FILTERS})
+    # Postfix re-dates a deferred queue file at each retry: a quiet store first, so that
+    # only the boot without the key could change the lower directory after this.
     wait_delivered(store)
+    before = lower_fingerprint(store, LOWER)
     burst = new_tokens(100)
     # Where the filters' logs of this burst begin (other tests bounce mail on purpose).
     since = {n: cluster[n].succeed("date +%s").strip() for n in FILTERS}
     store.shutdown()  # QEMU flushes everything to the disk file on exit
+    key = store.spec.credentials.pop(KEY)
     try:
         acked = send_in_sessions(cluster, burst, per_session=25)
         # (a scan of the queue can miss a message qmgr moves back meanwhile: until all are seen)
@@ -88,11 +93,58 @@ def cleanly_rebooted(cluster, delivered, tmp_path_factory):
                          "mail-data")
     finally:
         store.start()
+        store.spec.credentials[KEY] = key  # (for its later boots: this one has none)
+    return {"scan": scan, "sent": burst, "acked": acked, "spooled": spooled, "since": since, "before": before,
+            "key": key}
+
+
+@contextlib.contextmanager
+def _explained(store):
+    """A failure here comes with what the node itself said about its mail store (the
+    failure hook adds the serial console)."""
+    try:
+        yield
+    except (AssertionError, TimeoutError) as e:
+        e.add_note(store.journal("mailcluster-mailcrypt.service") + store.stuck())
+        raise
+
+
+def test_without_the_key_mail_services_stay_down_and_lower_is_untouched(cluster, cleanly_rebooted):
+    """store1 booted without its key (the clean reboot's boot), then given a wrong one on
+    the running node: Postfix and Dovecot stay down, their ports closed, the ciphertext
+    as it was before the reboot. The right key, given the same way, brings mail back
+    without a reboot (README: a locked node)."""
+    store = cluster["store1"]
+    locked = dict(lower=LOWER, before=cleanly_rebooted["before"], upper="/var/vmail",
+                  services=("postfix.service", "dovecot.service"), ports=(25, 143, 587, 993))
+    with subtest("booted without the key"), _explained(store):
+        wait_degraded(store)
+        assert_locked(store, "mailcluster-mailcrypt", "no eCryptfs key: credential mailcluster.mailstore-key "
+                      "is missing", **locked)
+    with subtest("a wrong key"), _explained(store):
+        rc, out = supply_key(store, KEY, "0" * 64, "postfix.service", "dovecot.service")
+        assert rc != 0, out
+        assert_locked(store, "mailcluster-mailcrypt", "wrong eCryptfs key", **locked)
+    with subtest("the right key, without a reboot"), _explained(store):
+        rc, out = supply_key(store, KEY, cleanly_rebooted["key"], "postfix.service", "dovecot.service")
+        assert rc == 0, out
         wait_mail_up(store)
-    return {"scan": scan, "sent": burst, "acked": acked, "spooled": spooled, "since": since}
+        assert store.succeed("mountpoint /var/vmail").strip() == "/var/vmail is a mountpoint"
 
 
-def test_no_plaintext_in_lower_directory_or_on_the_raw_partition(cluster, delivered, cleanly_rebooted):
+@pytest.fixture(scope="module")
+def came_back(cluster, cleanly_rebooted):
+    """store1 serving mail again after the clean reboot (the test above gave it its key;
+    if it did not, a boot with the key)."""
+    store = cluster["store1"]
+    if store.execute("systemctl is-active -q postfix.service dovecot.service")[0] != 0:
+        store.shutdown()
+        store.start()
+    wait_mail_up(store)
+    return cleanly_rebooted
+
+
+def test_no_plaintext_in_lower_directory_or_on_the_raw_partition(cluster, delivered, came_back):
     store = cluster["store1"]
     store.succeed("cat > /run/tokens <<'EOF'\n" + "\n".join(t for _, t in delivered) + "\nEOF")
     with subtest("every token is readable through the encrypted mount"):
@@ -102,12 +154,12 @@ def test_no_plaintext_in_lower_directory_or_on_the_raw_partition(cluster, delive
         assert store.succeed("{ grep -rFaoh -f /run/tokens /srv/mail/crypt || true; } | wc -l").strip() == "0"
         assert int(store.succeed("find /srv/mail/crypt -type f | wc -l")) > len(delivered)  # ciphertext is there
     with subtest("no token anywhere on the data partition, read as raw bytes while it was off"):
-        found, control = cleanly_rebooted["scan"]
+        found, control = came_back["scan"]
         assert control > 0, "the scan did not see the partition's plaintext metadata"
         assert found == set(), f"plaintext tokens on the raw data partition: {sorted(found)[:5]}"
 
 
-def test_mail_survives_a_clean_reboot(cluster, secrets, delivered, cleanly_rebooted):
+def test_mail_survives_a_clean_reboot(cluster, secrets, delivered, came_back):
     store = cluster["store1"]
     before = {t for _, t in delivered}
     for user in USERS:  # (what came in while it was off may be arriving meanwhile)
@@ -115,15 +167,15 @@ def test_mail_survives_a_clean_reboot(cluster, secrets, delivered, cleanly_reboo
         assert sorted(kept) == sorted(t for u, t in delivered if u == user), user
 
 
-def test_mail_waits_on_the_filters_while_the_mailstore_is_down(cluster, cleanly_rebooted):
-    sent, acked = cleanly_rebooted["sent"], cleanly_rebooted["acked"]
+def test_mail_waits_on_the_filters_while_the_mailstore_is_down(cluster, came_back):
+    sent, acked = came_back["sent"], came_back["acked"]
     assert acked == [t for _, t in sent]
-    assert sum(cleanly_rebooted["spooled"].values()) == 100, cleanly_rebooted["spooled"]
+    assert sum(came_back["spooled"].values()) == 100, came_back["spooled"]
     found = wait_in_mailboxes(cluster, acked, timeout=420)
     mine = [t for t in found if t in set(acked)]
     assert len(mine) == len(set(mine)) == 100, "a message was delivered twice"
     for n in FILTERS:
-        log = cluster[n].succeed(f"journalctl -b --since @{cleanly_rebooted['since'][n]} --no-pager -o cat -u postfix")
+        log = cluster[n].succeed(f"journalctl -b --since @{came_back['since'][n]} --no-pager -o cat -u postfix")
         assert "status=bounced" not in log and "sender non-delivery notification" not in log, n
         assert queued(cluster[n]) == 0
 
@@ -153,53 +205,6 @@ def test_acknowledged_mail_survives_a_crash(cluster, secrets, site):
     assert repeated <= set(acked), "mail from before the crash was duplicated"
     with subtest("the queue file the crash left unreadable, and only it, was set aside, and said so"):
         assert_damaged_file_set_aside(store, "/var/vmail/postfix", "mailcluster-mailcrypt")
-
-
-@contextlib.contextmanager
-def _explained(store):
-    """A failure here comes with what the node itself said about its mail store (the
-    failure hook adds the serial console)."""
-    try:
-        yield
-    except (AssertionError, TimeoutError) as e:
-        e.add_note(store.journal("mailcluster-mailcrypt.service") + store.stuck())
-        raise
-
-
-def test_without_the_key_mail_services_stay_down_and_lower_is_untouched(cluster):
-    """store1 booted without its key, then given a wrong one on the running node: Postfix
-    and Dovecot stay down, their ports closed, the ciphertext untouched. The right key,
-    given the same way, brings mail back without a reboot (README: a locked node)."""
-    store = cluster["store1"]
-    # Postfix re-dates a deferred queue file at each retry: a quiet store first, so that
-    # only what this test does could change the lower directory.
-    wait_delivered(store)
-    before = lower_fingerprint(store, LOWER)
-    key = store.spec.credentials.pop(KEY)
-    locked = dict(lower=LOWER, before=before, upper="/var/vmail", services=("postfix.service", "dovecot.service"),
-                  ports=(25, 143, 587, 993))
-    try:
-        with subtest("booted without the key"), _explained(store):
-            store.shutdown()
-            store.start()
-            wait_degraded(store)
-            assert_locked(store, "mailcluster-mailcrypt", "no eCryptfs key: credential mailcluster.mailstore-key "
-                          "is missing", **locked)
-        with subtest("a wrong key"), _explained(store):
-            rc, out = supply_key(store, KEY, "0" * 64, "postfix.service", "dovecot.service")
-            assert rc != 0, out
-            assert_locked(store, "mailcluster-mailcrypt", "wrong eCryptfs key", **locked)
-        with subtest("the right key, without a reboot"), _explained(store):
-            rc, out = supply_key(store, KEY, key, "postfix.service", "dovecot.service")
-            assert rc == 0, out
-            wait_mail_up(store)
-            assert store.succeed("mountpoint /var/vmail").strip() == "/var/vmail is a mountpoint"
-    finally:
-        store.spec.credentials[KEY] = key
-        if store.execute("systemctl is-active -q postfix.service dovecot.service")[0] != 0:
-            store.shutdown()  # leave the shared cluster's mailstore working
-            store.start()
-            wait_mail_up(store)
 
 
 def test_data_partition_takes_the_rest_of_the_disk(cluster, site):
