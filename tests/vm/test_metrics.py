@@ -138,19 +138,22 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
             sent.extend(send(cluster, new_tokens(1)))  # one more message at every look
             return firing(cluster)
 
+        def doing() -> str:
+            """(A filter whose exporter stopped answering was seen twice: what each was doing,
+            and how long the scrapes took.)"""
+            return f"slowest scrapes: {query(cluster, 'max_over_time(scrape_duration_seconds[10m])')}\n" + "\n".join(
+                f"--- {f} ---\n" + cluster[f].execute(
+                    "uptime; top -bn1 -o %CPU | head -15; systemctl --failed --no-legend;"
+                    " journalctl -b --no-pager -o short-monotonic -p warning | tail -25;"
+                    " journalctl -b --no-pager -o short-monotonic -u prometheus-node-exporter -u rspamd | tail -15",
+                    timeout=120)[1] for f in FILTERS)
+
         try:
             alerts = retry(growing, timeout=480, interval=10,
                            until=lambda a: any(name == "MailclusterQueueGrowing" for name, _ in a))
         except Timeout:
-            # (a filter whose exporter stopped answering was seen once: what each was doing)
-            doing = "\n".join(f"--- {f} ---\n" + cluster[f].execute(
-                "uptime; systemctl --failed --no-legend; journalctl -b --no-pager -o short-monotonic -p warning"
-                " | tail -25; journalctl -b --no-pager -o short-monotonic -u prometheus-node-exporter -u rspamd"
-                " | tail -15", timeout=120)[1] for f in FILTERS)
-            slowest = query(cluster, "max_over_time(scrape_duration_seconds[10m])")
             raise AssertionError(f"firing: {firing(cluster)}; deferred: {query(cluster, deferred)}; "
-                                 f"slowest scrapes: {slowest}; "
-                                 f"{len(sent)} sent\n{doing}\n{cluster.internet.logs()}") from None
+                                 f"{len(sent)} sent\n{doing()}\n{cluster.internet.logs()}") from None
         grown = {node for name, node in alerts if name == "MailclusterQueueGrowing"}
         assert grown <= set(FILTERS), alerts
         # The figures behind it: the filters hold what was sent, since the first of it.
@@ -166,7 +169,8 @@ def test_a_stopped_mailstores_growing_queue_raises_the_alert_and_drains_when_it_
                                 until=lambda r: all(sum(r[0]["nodes"][f].get("queue", {}).values()) == queued(cluster[f])
                                                     for f in FILTERS))
         except Timeout as e:
-            raise AssertionError(f"status: {e.last}; postqueue: {[queued(cluster[f]) for f in FILTERS]}") from None
+            raise AssertionError(f"status: {e.last}; postqueue: {[queued(cluster[f]) for f in FILTERS]}\n"
+                                 f"{doing()}") from None
         assert code == 1 and shown["nodes"]["store2"]["up"] is False
         assert any(a.startswith("store2 (mailstore): its exporter") for a in shown["attention"]), shown["attention"]
         for f in grown:
