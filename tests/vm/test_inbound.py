@@ -538,7 +538,7 @@ def rolled_out(cluster, tmp_path_factory):
     wait_backends(cluster, {"filter1": "UP", "filter2": "UP"}, timeout=180)
     roots = tmp_path_factory.mktemp("acme") / "acme-roots.pem"
     roots.write_text(cluster.internet.acme_roots())
-    return {"dkim": (before, zone, new), "roots": roots, "http_01": http_01}
+    return {"dkim": (before, zone, new), "roots": roots}
 
 
 def test_a_dkim_rotation_keeps_mail_signed_before_and_after_it_verifiable(cluster, rolled_out):
@@ -564,7 +564,7 @@ def test_acme_certificates_are_obtained_and_renewed_without_a_restart(cluster, r
     and an IMAP session opened before it carries on after it."""
     fe, filter1, filter2, store = (cluster[n] for n in ("fe1", "filter1", "filter2", "store1"))
     roots, domain = rolled_out["roots"], cluster.site.domain
-    mail_domains = rolled_out["http_01"].mail_domains
+    mail_domains = cluster.site.mail_domains
 
     def served() -> dict[str, frozenset[str] | str]:
         """Port -> SHA-256 of the certificate served there, its chain verified by the ACME
