@@ -10,7 +10,7 @@ from tests.conftest import _live
 from tests.vm.mail import (backend_status, new_tokens, send_in_sessions, wait_backends, wait_in_mailboxes,
                            wait_mail_up)
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm-b")]
 
 NEW = {"name": "filter3", "role": "filter", "address": "10.77.0.23"}
 
