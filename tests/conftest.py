@@ -1,8 +1,6 @@
 """Shared fixtures: the example site, test-layer images (built once per input hash), VMs."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -113,27 +111,11 @@ def secrets(tmp_path_factory) -> Secrets:
     return Secrets(tmp_path_factory.mktemp("secrets") / "example")
 
 
-# The nodes every mail-path test needs. A booted cluster serves several VM modules in
-# turn: those of one xdist group ("vm", "vm-b") run in order on one worker, which boots
-# the cluster once (a session fixture is per worker). Two groups, two clusters: most of
-# a module's time is one guest rebooting or a test waiting on a timer, one core's work,
-# so two chains side by side fill both cores, for the price of one more cluster boot.
-# A module that breaks something repairs it before it ends; each module's own fixture
-# waits for what it needs, so a module can move between the groups.
+# The nodes every mail-path test needs. One TCG boot costs about a minute of both cores
+# per guest, so one booted cluster serves every VM module in turn (they share an xdist
+# group, so one worker runs them in order). A module that breaks something repairs it
+# before it ends; each module's own fixture waits for what it needs.
 SHARED_NODES = ("fe1", "filter1", "filter2", "store1")
-
-
-@contextlib.contextmanager
-def one_cluster_boot_at_a_time(tmp_path_factory):
-    """Held while a worker boots its cluster. Two 4-guest boots at once on two cores take
-    each past its boot bound; one after the other, the first cluster serves tests while
-    the second boots, and the second is up no later."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by this run's workers
-    with open(root / "cluster-boot.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -179,10 +161,9 @@ def mail_cluster(tmp_path_factory, site, profiles, test_images, secrets, site_tl
                                      site_zones(changed, secrets))
     try:
         internet.start()
-        with one_cluster_boot_at_a_time(tmp_path_factory):
-            boot(c, *SHARED_NODES)
-            # What `./build.py run --cluster` waits for before it prints the endpoints.
-            c.wait_accepting_mail()
+        boot(c, *SHARED_NODES)
+        # What `./build.py run --cluster` waits for before it prints the endpoints.
+        c.wait_accepting_mail()
         yield c
     finally:
         for m in c.machines.values():

@@ -17,7 +17,7 @@ from tests.vm.mail import (FILTERS, USERS, assert_damaged_file_set_aside, assert
                            supply_key, wait_backends, wait_degraded, wait_delivered, wait_in_mailboxes, wait_mail_up)
 
 # One xdist group: guests of different modules never compete for the 2 cores.
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm-b")]
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 KEY = "mailcluster.mailstore-key"
 LOWER = "/srv/mail/crypt"

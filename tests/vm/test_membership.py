@@ -10,7 +10,7 @@ from tests.conftest import _live
 from tests.vm.mail import (backend_status, new_tokens, send_in_sessions, wait_backends, wait_in_mailboxes,
                            wait_mail_up)
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm-b")]
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 NEW = {"name": "filter3", "role": "filter", "address": "10.77.0.23"}
 

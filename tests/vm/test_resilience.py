@@ -17,7 +17,7 @@ from tests.conftest import _live
 from tests.vm.mail import (FILTERS, USERS, build_status, deliver, imap_tokens, mailbox_tokens, new_tokens, run_backup,
                            scan_disk, send, spool_while_mailstores_down, wait_in_mailboxes, wait_mail_up)
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm-b")]
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 SNAPSHOTS = "/srv/mail/backups/store1"
 # systemd's id (the first 16 bytes of an encrypted credential) for a credential sealed
