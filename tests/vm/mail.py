@@ -440,8 +440,9 @@ def reboot_with_new_credentials(cluster, *names: str, wait: bool = True) -> list
         gone.close()
         _live.append(rebooted)
         new.append(rebooted)
-    for m in new if wait else ():
-        m.wait_started()
+    if wait:
+        for m in new:
+            m.wait_started()
     return new
 
 
